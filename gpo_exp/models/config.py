@@ -1,0 +1,35 @@
+"""Model config: which policy to load and how (tiny built in code, a hub/local HF model, or GGUF)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gpo_exp.registry import check
+
+SOURCES = ("tiny", "hub", "gguf")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"  # preset name, used in run directory names
+    source: str = "tiny"  # tiny: built from this config in code | hub: HF hub id or local dir | gguf: a GGUF file
+    path: str | None = None  # hub id or local HF directory (hub); directory holding gguf_file (gguf)
+    gguf_file: str | None = None  # GGUF file name inside `path` (gguf)
+    package: str | None = None  # python package that ships the weights; `path` is resolved inside it (gguf)
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    chat_template: bool = True  # wrap prompts with the tokenizer's chat template when it has one
+    arch: str = "gpt2"  # tiny only: gpt2 | llama
+    n_layer: int = 4  # tiny only: transformer blocks
+    n_embd: int = 128  # tiny only: hidden size
+    n_head: int = 4  # tiny only: attention heads
+    max_len: int = 160  # tiny only: context length in tokens
+
+    def __post_init__(self) -> None:
+        check(self.source in SOURCES, "model.source", self.source, f"one of {', '.join(SOURCES)}")
+        check(self.dtype in ("float32", "bfloat16", "float16"), "model.dtype", self.dtype, "float32, bfloat16 or float16")
+        check(self.arch in ("gpt2", "llama"), "model.arch", self.arch, "gpt2 or llama")
+        check(self.n_layer >= 1 and self.n_embd >= 8 and self.n_head >= 1, "model.n_layer/n_embd/n_head",
+              (self.n_layer, self.n_embd, self.n_head), "positive sizes")
+        if self.source in ("hub", "gguf"):
+            check(bool(self.path) or bool(self.package), "model.path", self.path, "set for source=hub/gguf")
+        if self.source == "gguf":
+            check(bool(self.gguf_file), "model.gguf_file", self.gguf_file, "set for source=gguf")
