@@ -1,0 +1,258 @@
+"""Critical-step estimators against a scripted policy whose prefix success probabilities are known."""
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from gpo_exp.registry import ConfigError
+from gpo_exp.rollout.estimators import (
+    ESTIMATORS, AdaptiveConfig, AdaptiveEstimator, BisectEstimator, EstimatorConfig, MCEstimator,
+    RandomEstimator, agreement, critical_step_hist, status_counts,
+)
+from gpo_exp.rollout.types import Continuation, Job, Trajectory
+
+L = 3  # tokens per remaining step in a scripted continuation
+CONF = Path(__file__).resolve().parents[1] / "conf" / "estimator"
+
+
+class ScriptedSampler:
+    """Prefix (uid, step) succeeds with probability p[uid][step]; sample j is a fixed hash-seeded coin.
+
+    exact=True returns reward = p itself (a partial-credit grader), so values are exact fractions.
+    Counts sampler calls and jobs, and every (uid, step, j) asked for.
+    """
+
+    def __init__(self, p: dict[int, Sequence[float]], exact: bool = False) -> None:
+        self.p, self.exact = p, exact
+        self.calls, self.jobs = 0, 0
+        self.asked: list[tuple[int, int, int]] = []
+
+    def coin(self, uid: int, step: int, j: int) -> float:
+        h = hashlib.blake2b(f"{uid}/{step}/{j}".encode(), digest_size=8).digest()
+        return int.from_bytes(h, "little") / 2**64
+
+    def __call__(self, jobs: Sequence[Job]) -> list[list[Continuation]]:
+        self.calls += 1
+        self.jobs += len(jobs)
+        out = []
+        for job in jobs:
+            t, p = job.traj, self.p[job.traj.uid][job.step]
+            conts = []
+            for j in range(job.offset, job.offset + job.n):
+                self.asked.append((t.uid, job.step, j))
+                reward = p if self.exact else float(self.coin(t.uid, job.step, j) < p)
+                conts.append(Continuation(ids=[job.step] * ((t.n_steps - job.step) * L), reward=reward))
+            out.append(conts)
+        return out
+
+
+def traj(uid: int, n: int, reward: float = 0.0, first_error: int | None = None) -> Trajectory:
+    """A trajectory of n steps of 2 tokens each."""
+    return Trajectory(prompt_ids=[0], completion_ids=list(range(2 * n)), reward=reward,
+                      step_ends=[2 * (i + 1) for i in range(n)], uid=uid, first_error=first_error)
+
+
+def mc(**kw) -> MCEstimator:
+    return MCEstimator(EstimatorConfig(name="mc", **kw))
+
+
+def bisect(**kw) -> BisectEstimator:
+    return BisectEstimator(EstimatorConfig(name="bisect", **kw))
+
+
+def adaptive(**kw) -> AdaptiveEstimator:
+    return AdaptiveEstimator(AdaptiveConfig(**kw))
+
+
+def mc_tokens(n: int, k: int) -> int:
+    """Tokens of mc on one n-step trajectory: K continuations of (n - i) * L tokens from every prefix i < n."""
+    return k * L * sum(n - i for i in range(n))
+
+
+# --- the paper's definition ----------------------------------------------------------------------
+@pytest.mark.parametrize("make", [mc, bisect, adaptive])
+def test_failed_trajectory_whose_value_drops_at_step_2_has_critical_step_2(make):
+    # prefixes 0..2 always succeed, prefixes 3, 4 never; the trajectory itself (prefix 5) failed.
+    sampler = ScriptedSampler({7: [1, 1, 1, 0, 0]})
+    (loc,) = make().locate([traj(7, 5, first_error=2)], sampler, seed=0)
+    assert (loc.critical, loc.status, loc.reset_step) == (2, "located", 2)
+    assert loc.values[2] == 1.0 and loc.values[3] == 0.0 and loc.values[5] == 0.0
+    assert loc.advantages[2] == -1.0
+    assert loc.rollouts == sum(len(v) for v in loc.samples.values())
+    assert loc.tokens == sum(len(c.ids) for v in loc.samples.values() for c in v)
+
+
+def test_mc_spends_n_times_k_rollouts_in_one_call_and_skips_successes():
+    p = {0: [1, 1, 0, 0], 1: [1, 1, 1, 1, 1, 1], 2: [1, 0, 0]}
+    trajs = [traj(0, 4), traj(1, 6, reward=1.0), traj(2, 3)]
+    sampler = ScriptedSampler(p)
+    locs = mc(k=4).locate(trajs, sampler, seed=0)
+    assert sampler.calls == 1 and sampler.jobs == 4 + 3  # one job per prefix of each failed trajectory
+    assert [loc.rollouts for loc in locs] == [16, 0, 12]
+    assert [loc.tokens for loc in locs] == [mc_tokens(4, 4), 0, mc_tokens(3, 4)] == [120, 0, 72]
+    assert [loc.critical for loc in locs] == [1, None, 0]
+    assert [loc.status for loc in locs] == ["located", "skipped", "located"]
+    assert locs[0].values == [1.0, 1.0, 0.0, 0.0, 0.0]
+    assert locs[0].advantages == [0.0, -1.0, 0.0, 0.0]
+    assert locs[1].values == [None] * 6 + [1.0] and locs[1].samples == {}
+    assert sorted(locs[0].samples) == [0, 1, 2, 3] and all(len(v) == 4 for v in locs[0].samples.values())
+    # explore=all estimates the success too: all values 1 -> no information
+    locs = mc(k=4, explore="all").locate(trajs, ScriptedSampler(p), seed=0)
+    assert (locs[1].rollouts, locs[1].status) == (24, "undetermined")
+
+
+def test_all_zero_values_are_undetermined_and_tie_break_decides():
+    trajs = [traj(u, 5) for u in range(200)]
+    p = {u: [0.0] * 5 for u in range(200)}
+    locs = mc(tie_break="earliest").locate(trajs, ScriptedSampler(p), seed=0)
+    assert status_counts(locs) == {"undetermined": 200}
+    assert {loc.critical for loc in locs} == {0}
+    assert agreement(locs, trajs) == {"n": 0, "hits": 0, "agreement": pytest.approx(float("nan"), nan_ok=True),
+                                      "undetermined": 0}
+    locs = mc(tie_break="random").locate(trajs, ScriptedSampler(p), seed=0)
+    hist = critical_step_hist(locs, 5)
+    assert sum(hist) == 200 and all(20 <= h <= 60 for h in hist), hist  # 40 expected per step
+    # seeded per (seed, uid): batch order does not matter, another seed changes the picks
+    again = mc(tie_break="random").locate(trajs[::-1], ScriptedSampler(p), seed=0)[::-1]
+    assert [a.critical for a in again] == [b.critical for b in locs]
+    other = mc(tie_break="random").locate(trajs, ScriptedSampler(p), seed=1)
+    assert [a.critical for a in other] != [b.critical for b in locs]
+
+
+@pytest.mark.parametrize("make", [mc, bisect, adaptive, lambda: RandomEstimator(EstimatorConfig(name="random"))])
+def test_single_step_trajectory_is_trivial_without_sampling(make):
+    sampler = ScriptedSampler({3: [0.5]})
+    (loc,) = make().locate([traj(3, 1)], sampler, seed=0)
+    assert (loc.critical, loc.status, loc.rollouts, sampler.calls) == (0, "trivial", 0, 0)
+
+
+def test_random_picks_uniform_steps_without_rollouts():
+    trajs = [traj(u, 4) for u in range(400)] + [traj(400, 4, reward=1.0)]
+    sampler = ScriptedSampler({})
+    locs = RandomEstimator(EstimatorConfig(name="random")).locate(trajs, sampler, seed=3)
+    assert sampler.calls == 0 and sum(loc.rollouts for loc in locs) == 0
+    assert status_counts(locs) == {"located": 400, "skipped": 1}
+    hist = critical_step_hist(locs, 4)
+    assert sum(hist) == 400 and all(70 <= h <= 130 for h in hist), hist  # 100 expected per step
+
+
+def test_bisect_cost_waves_and_no_repeated_samples():
+    n, k = 13, 4
+    rng = np.random.default_rng(0)
+    errors = rng.integers(0, n, size=50)
+    p = {u: [1.0 if i <= e else 0.0 for i in range(n)] for u, e in enumerate(errors)}
+    trajs = [traj(u, n, first_error=int(e)) for u, e in enumerate(errors)]
+    sampler = ScriptedSampler(p)
+    locs = bisect(k=k).locate(trajs, sampler, seed=0)
+    assert agreement(locs, trajs)["agreement"] == 1.0
+    assert max(loc.rollouts for loc in locs) <= k * math.ceil(math.log2(n)) + k == 20
+    assert sampler.calls == 1 + math.ceil(math.log2(n))  # prefix 0, then one wave per bisection level
+    assert len(sampler.asked) == len(set(sampler.asked))
+    # dead prompt: undetermined, still a critical step from the tie-break
+    (loc,) = bisect(tie_break="earliest").locate([traj(0, 6)], ScriptedSampler({0: [0.0] * 6}), seed=0)
+    assert (loc.critical, loc.status, loc.rollouts) == (0, "undetermined", 4)
+    # explore=all: a success falls back to mc (K per prefix)
+    (loc,) = bisect(explore="all").locate([traj(0, 6, reward=1.0)], ScriptedSampler({0: [1, 1, 0, 1, 1, 1]}), seed=0)
+    assert (loc.critical, loc.rollouts) in {(1, 24), (2, 24)}  # |A_1| = |A_2| = 1, random tie-break
+
+
+def test_select_rules_differ_when_a_jump_exceeds_the_drop():
+    # V = [0, 1, 0.7, 0]: A = [+1, -0.3, -0.7]
+    t = traj(0, 3)
+    got = {}
+    for select in ("abs", "signed", "value"):
+        (loc,) = mc(select=select).locate([t], ScriptedSampler({0: [0.0, 1.0, 0.7]}, exact=True), seed=0)
+        assert loc.advantages == pytest.approx([1.0, -0.3, -0.7])
+        got[select] = loc.critical
+    assert got == {"abs": 0, "signed": 2, "value": 1}
+
+
+def expected_mc_agreement(p: float, k: int, n: int, e: int) -> float:
+    """Exact P(mc with random tie-break picks e) when V_0..V_e ~ Binomial(k, p)/k and V_i = 0 after e.
+
+    Scores are |A_i|: i < e noisy differences, step e is V_e, steps after e are 0. DP over prefixes on
+    (last count, max |diff| so far, number of steps tied at that max).
+    """
+    q = [math.comb(k, c) * p**c * (1 - p) ** (k - c) for c in range(k + 1)]
+    state = {(c, -1, 0): q[c] for c in range(k + 1)}
+    for _ in range(e):
+        nxt: dict[tuple[int, int, int], float] = {}
+        for (c, m, t), w in state.items():
+            for c2 in range(k + 1):
+                d = abs(c2 - c)
+                key = (c2, d, 1) if d > m else (c2, m, t + (d == m))
+                nxt[key] = nxt.get(key, 0.0) + w * q[c2]
+        state = nxt
+    zeros = n - 1 - e
+    total = 0.0
+    for (c, m, t), w in state.items():
+        best = max(m, c, 0 if zeros else -1)
+        if c == best:
+            total += w / (1 + (t if m == best else 0) + (zeros if best == 0 else 0))
+    return total
+
+
+def test_expected_mc_agreement_golden():
+    # e = 0: only V_0 is noisy; wrong only when V_0 = 0 (all 4 fail), then 1/n by tie-break
+    assert expected_mc_agreement(0.6, 4, 12, 0) == pytest.approx(1 - 0.4**4 + 0.4**4 / 12)
+    assert expected_mc_agreement(1.0, 4, 12, 7) == pytest.approx(1.0)
+
+
+def test_adaptive_beats_mc_at_fewer_tokens_with_noisy_values():
+    # 12 steps, success rate 0.6 up to the first error, 0 after; first errors spread evenly
+    n, m, p_ok = 12, 300, 0.6
+    p = {u: [p_ok if i <= u % n else 0.0 for i in range(n)] for u in range(m)}
+    trajs = [traj(u, n, first_error=u % n) for u in range(m)]
+    res = {}
+    for name, est in {"mc": mc(k=4), "bisect": bisect(k=4), "adaptive": adaptive()}.items():
+        sampler = ScriptedSampler(p)
+        locs = est.locate(trajs, sampler, seed=0)
+        assert len(sampler.asked) == len(set(sampler.asked))
+        res[name] = (agreement(locs, trajs)["agreement"], sum(loc.tokens for loc in locs), sampler.calls)
+    expected = float(np.mean([expected_mc_agreement(p_ok, 4, n, e) for e in range(n)]))
+    assert expected == pytest.approx(0.6308, abs=1e-4)  # K=4 differences are noisy: mc misses 1 in 3
+    assert abs(res["mc"][0] - expected) < 4 * math.sqrt(expected * (1 - expected) / m), (res["mc"], expected)
+    assert res["mc"][1] == m * mc_tokens(n, 4)
+    assert res["adaptive"][0] >= 0.85 and res["adaptive"][0] > res["mc"][0], res
+    assert res["adaptive"][1] <= res["mc"][1] / 2, res  # dead probes sit after the error: short continuations
+    # bisect misjudges a live probe when all K=4 fail (0.4^4 = 2.6% per probe, ~4.6 probes): ~0.89
+    assert res["bisect"][0] >= 0.8 and res["bisect"][1] < res["mc"][1], res
+    assert (res["mc"][2], res["bisect"][2]) == (1, 1 + math.ceil(math.log2(n)))
+
+
+def test_agreement_counts_only_failed_trajectories_with_known_first_error():
+    from gpo_exp.rollout.types import Localization
+    trajs = [traj(0, 3, first_error=1), traj(1, 3, first_error=2), traj(2, 3), traj(3, 3, reward=1.0, first_error=0)]
+    locs = [Localization([], [], 1, "located"), Localization([], [], 0, "undetermined"),
+            Localization([], [], 2, "located"), Localization([], [], 0, "located")]
+    assert agreement(locs, trajs) == {"n": 2, "hits": 1, "agreement": 0.5, "undetermined": 1}
+    assert critical_step_hist(locs, 2) == [2, 2]
+
+
+# --- config ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bad, key", [({"k": 0}, "estimator.k=0"), ({"select": "max"}, "estimator.select='max'"),
+                                      ({"tie_break": "last"}, "estimator.tie_break='last'"),
+                                      ({"explore": "none"}, "estimator.explore='none'")])
+def test_bad_config_is_a_one_line_error(bad, key):
+    with pytest.raises(ConfigError) as err:
+        ESTIMATORS.config({"name": "mc", **bad})
+    assert key in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(ConfigError):
+        EstimatorConfig(**bad)
+
+
+def test_yaml_configs_build_registered_estimators():
+    assert ESTIMATORS.names() == ["adaptive", "bisect", "mc", "random"]
+    built = {f.stem: ESTIMATORS.build(OmegaConf.load(f)) for f in sorted(CONF.glob("*.yaml"))}
+    assert {k: type(v) for k, v in built.items()} == {
+        "adaptive": AdaptiveEstimator, "bisect": BisectEstimator, "mc": MCEstimator, "random": RandomEstimator}
+    assert (built["mc"].cfg.k, built["mc"].cfg.select, built["mc"].cfg.explore) == (4, "abs", "failed")
+    assert (built["adaptive"].cfg.k_max, built["adaptive"].cfg.batch) == (8, 1)
+    with pytest.raises(ConfigError, match="k_max"):
+        ESTIMATORS.config({"name": "adaptive", "k_max": 0})
