@@ -1,0 +1,193 @@
+"""The report's figures (matplotlib, Agg backend): learning curves, critical-step positions, rollout cost.
+
+The data behind each figure comes from a small function (round_curves, critical_step_fractions,
+estimator_values) so it can be tested without looking at pixels. Each plot returns False and writes
+nothing when the runs lack its data (e.g. no GPO arm, no rounds.jsonl).
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from gpo_exp.report import Arm, Run, summarize  # noqa: E402  (report imports this module lazily)
+
+
+MARKERS = "os^Dv<>p"
+
+
+def _style(arm: Arm, seen: dict[str, list[str]]) -> dict[str, Any]:
+    """One colour per base optimizer, one marker per variant of it; GPO arms solid, plain arms dashed."""
+    variants = seen.setdefault(arm.base, [])
+    if arm.label not in variants:
+        variants.append(arm.label)
+    color = f"C{list(seen).index(arm.base) % 10}"
+    marker = MARKERS[variants.index(arm.label) % len(MARKERS)]
+    return {"color": color, "marker": marker, "linestyle": "-" if arm.gpo else "--"}
+
+
+@dataclass
+class Curve:
+    """One line of accuracy_vs_round.png: an arm on one training benchmark, averaged over seeds."""
+
+    arm: Arm
+    label: str
+    rounds: list[int]
+    mean: list[float]  # metric per round, mean over the runs that logged that round
+    ci95: list[float]  # 95% CI half-width per round (0 when n < 2)
+    tokens: list[float | None]  # mean cumulative generated tokens per round (None when not logged)
+
+
+def _num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def round_curves(arms: Sequence[Arm], key: str) -> list[Curve]:
+    """`key` from rounds.jsonl per arm (split by training benchmark when an arm has several)."""
+    curves = []
+    for arm in arms:
+        by_bench: dict[str, list[Run]] = defaultdict(list)
+        for run in arm.runs:
+            by_bench[run.benchmark].append(run)
+        for bench, runs in sorted(by_bench.items()):
+            values: dict[int, list[float]] = defaultdict(list)
+            tokens: dict[int, list[float]] = defaultdict(list)
+            for rec in (rec for run in runs for rec in run.rounds):
+                if isinstance(rec.get("round"), int) and _num(rec.get(key)):
+                    values[rec["round"]].append(float(rec[key]))
+                    if _num(rec.get("rollout/generated_tokens")):
+                        tokens[rec["round"]].append(float(rec["rollout/generated_tokens"]))
+            if values:
+                rounds = sorted(values)
+                stats = [summarize(values[r]) for r in rounds]
+                curves.append(Curve(arm, arm.label if len(by_bench) == 1 else f"{arm.label} · {bench}", rounds,
+                                    [st.mean for st in stats], [st.ci95 or 0.0 for st in stats],
+                                    [sum(tokens[r]) / len(tokens[r]) if tokens[r] else None for r in rounds]))
+    return curves
+
+
+def plot_accuracy_vs_round(arms: Sequence[Arm], path: Path, metric: str) -> bool:
+    """Mean over seeds per arm vs round (band: 95% CI), and vs cumulative generated tokens."""
+    key = metric.removesuffix("_after")  # eval/accuracy_after -> eval/accuracy in rounds.jsonl
+    if not any(key in rec for arm in arms for run in arm.runs for rec in run.rounds):
+        key = "eval/accuracy"
+    curves = round_curves(arms, key)
+    if not curves:
+        return False
+    scale = 100.0 if "accuracy" in key else 1.0
+    fig, (ax_r, ax_t) = plt.subplots(1, 2, figsize=(11, 4))
+    colors: dict[str, list[str]] = {}
+    for c in curves:
+        mean = [m * scale for m in c.mean]
+        style = _style(c.arm, colors)
+        ax_r.plot(c.rounds, mean, label=c.label, **style)
+        ax_r.fill_between(c.rounds, [m - h * scale for m, h in zip(mean, c.ci95)],
+                          [m + h * scale for m, h in zip(mean, c.ci95)], color=style["color"], alpha=0.15)
+        points = [(t, m) for t, m in zip(c.tokens, mean) if t is not None]
+        if points:
+            ax_t.plot([t for t, _ in points], [m for _, m in points], label=c.label, **style)
+    ylabel = f"{key}{' (%)' if scale == 100 else ''}, mean over seeds"
+    ax_r.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_r.set(xlabel="round (0 = before training)", ylabel=ylabel, title="by round (band: 95% CI)")
+    ax_t.set(xlabel="cumulative generated tokens", ylabel=ylabel, title="by generation cost")
+    for ax in (ax_r, ax_t):
+        ax.grid(alpha=0.3)
+    ax_r.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def critical_step_fractions(arm: Arm) -> list[float]:
+    """`gpo/critical_step_hist` summed over the arm's runs (padded to the longest), as fractions; [] if empty."""
+    counts: list[float] = []
+    for run in arm.runs:
+        hist = run.summary.get("gpo/critical_step_hist") or []
+        counts += [0.0] * (len(hist) - len(counts))
+        for i, c in enumerate(hist):
+            counts[i] += float(c)
+    total = sum(counts)
+    return [c / total for c in counts] if total > 0 else []
+
+
+def plot_critical_steps(arms: Sequence[Arm], path: Path) -> bool:
+    """Where the critical step falls: `gpo/critical_step_hist` summed over seeds, normalised, per GPO arm.
+
+    The legend adds the mean of `gpo/critical_agrees_first_error` (a fraction) where runs report it.
+    """
+    series = []
+    for arm in arms:
+        fractions = critical_step_fractions(arm) if arm.gpo else []
+        if fractions:
+            agree = [float(v) for r in arm.runs
+                     if _num(v := r.summary.get("gpo/critical_agrees_first_error"))]
+            label = arm.label + (f" (= first error {100 * sum(agree) / len(agree):.0f}%)" if agree else "")
+            series.append((label, fractions))
+    if not series:
+        return False
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * max(len(f) for _, f in series) + 3), 4))
+    width = 0.8 / len(series)
+    for j, (label, fractions) in enumerate(series):  # grouped bars, one group per step position
+        ax.bar([i - 0.4 + width * (j + 0.5) for i in range(len(fractions))], fractions, width=width,
+               label=label, color=f"C{j % 10}")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set(xlabel="critical step position (0 = first step)", ylabel="fraction of critical steps",
+           title="critical-step positions, summed over seeds")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def estimator_values(arms: Sequence[Arm], key: str) -> dict[str, list[float]]:
+    """Summary `key` of every GPO run, grouped by estimator ("mc K=4")."""
+    out: dict[str, list[float]] = defaultdict(list)
+    for arm in arms:
+        for run in arm.runs if arm.gpo else []:
+            if _num(v := run.summary.get(key)):
+                out[run.estimator].append(float(v))
+    return dict(out)
+
+
+def plot_rollout_cost(arms: Sequence[Arm], path: Path) -> bool:
+    """Rollouts and rollout tokens per trajectory per estimator (mean ± 95% CI over GPO runs)."""
+    panels = (("gpo/rollouts_per_trajectory", "rollouts / trajectory"),
+              ("gpo/rollout_tokens_per_trajectory", "rollout tokens / trajectory"))
+    data = {key: estimator_values(arms, key) for key, _ in panels}
+    if not any(data.values()):
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, (key, title) in zip(axes, panels):
+        names = sorted(data[key])
+        stats = [summarize(data[key][n]) for n in names]
+        ax.bar(names, [st.mean for st in stats], yerr=[st.ci95 or 0.0 for st in stats], capsize=4,
+               color="C0", alpha=0.8)
+        ax.set(title=title, xlabel="estimator", ylabel="mean over runs (bars: 95% CI)")
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def plot_all(arms: Sequence[Arm], out_dir: Path, metric: str) -> list[Path]:
+    """Write every figure that has data; return the paths written."""
+    out = []
+    jobs = (("accuracy_vs_round.png", lambda p: plot_accuracy_vs_round(arms, p, metric)),
+            ("critical_steps.png", lambda p: plot_critical_steps(arms, p)),
+            ("rollout_cost.png", lambda p: plot_rollout_cost(arms, p)))
+    for name, plot in jobs:
+        if plot(out_dir / name):
+            out.append(out_dir / name)
+    return out
