@@ -77,8 +77,8 @@ class Localization:
 
     values: list[float | None]  # V_0..V_n; None where the estimator did not estimate that prefix
     advantages: list[float | None]  # A_i = V_{i+1} - V_i for steps 0..n-1; None where unknown
-    critical: int | None  # the critical step; None if the trajectory was not explored or undetermined
-    status: str  # "located" | "undetermined" (no information in the values) | "skipped" (not explored)
+    critical: int | None  # the critical step; None only when the trajectory was not explored ("skipped")
+    status: str  # located | undetermined (values carry no information; step by tie-break) | trivial (one step) | skipped
     rollouts: int = 0  # continuations sampled for this trajectory
     tokens: int = 0  # generated tokens spent on those continuations
     samples: dict[int, list[Continuation]] = field(default_factory=dict)  # prefix index -> continuations drawn
@@ -87,3 +87,17 @@ class Localization:
     def reset_step(self) -> int | None:
         """Prefix index to reset generation to: the prefix just before the critical step."""
         return self.critical
+
+
+@dataclass
+class Group:
+    """Scored continuations of one shared prefix: the reset prefix under GPO, the bare prompt in the baseline.
+
+    Base optimizers build their examples from groups (pairs, unpaired examples, or rollouts).
+    """
+
+    prompt_ids: list[int]
+    prefix_ids: list[int]  # completion tokens before the reset point (empty in the baseline arm)
+    continuations: list[Continuation]
+    uid: int = -1  # source trajectory (GPO) or first trajectory of the prompt (baseline)
+    step: int = 0  # reset step (GPO); 0 in the baseline arm

@@ -1,0 +1,131 @@
+"""One round of data collection: sample, split, locate the critical step, reset, and group candidates.
+
+    trajectories (samples_per_prompt per prompt)
+      -> estimator.locate                     values, advantages, critical step per explored trajectory
+      -> reset: M continuations from the prefix before the critical step (+ reused estimation rollouts,
+         + the trajectory's own continuation)
+      -> groups of scored candidates sharing a prefix            (optimizers turn these into examples)
+
+With GPO disabled the groups are the prompts themselves with their whole trajectories, so the two
+arms differ only in GPO.
+"""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from gpo_exp.benchmarks.base import StepsConfig
+from gpo_exp.registry import check
+from gpo_exp.rollout.estimators import Estimator, agreement, critical_step_hist, status_counts
+from gpo_exp.rollout.sampler import PolicySampler
+from gpo_exp.rollout.types import Continuation, Group, Job, Localization, Trajectory
+
+HIST_BINS = 12  # critical-step histogram bins (the last bin collects steps >= 11)
+
+
+@dataclass
+class GPOConfig:
+    enabled: bool = True  # true: reset to the critical step (GPO); false: whole-trajectory examples from the prompt
+    prompts_per_round: int = 64  # training prompts sampled each round
+    samples_per_prompt: int = 4  # trajectories sampled per prompt (the baseline's group size)
+    reset_samples: int = 4  # M: new continuations sampled from each reset prefix
+    reuse_estimation: bool = True  # add the estimator's rollouts from the reset prefix to the reset candidates
+    include_original: bool = True  # the trajectory's own continuation from the reset prefix is a candidate too
+    reset_undetermined: bool = True  # also reset trajectories whose values carry no information (tie-break step)
+    pairs_per_group: int = 1  # preference pairs drawn from one group of candidates
+    examples_per_round: int = 64  # cap on training examples (pairs, or rollout groups) per round, both arms
+    max_generated_tokens: int | None = None  # stop training once cumulative generated tokens reach this
+    steps: StepsConfig | None = None  # step segmentation; null: the benchmark's default
+
+    def __post_init__(self) -> None:
+        for key in ("prompts_per_round", "samples_per_prompt", "reset_samples", "pairs_per_group", "examples_per_round"):
+            check(getattr(self, key) >= 1, f"gpo.{key}", getattr(self, key), ">= 1")
+        check(self.max_generated_tokens is None or self.max_generated_tokens > 0, "gpo.max_generated_tokens",
+              self.max_generated_tokens, "> 0 or null")
+
+
+@dataclass
+class RoundData:
+    trajectories: list[Trajectory]
+    localizations: list[Localization] | None  # None in the baseline arm
+    groups: list[Group]
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def prompt_groups(trajs: Sequence[Trajectory]) -> list[Group]:
+    """Baseline arm: one group per prompt holding its whole trajectories."""
+    by_prompt: dict[tuple[int, ...], list[Trajectory]] = defaultdict(list)
+    for t in trajs:
+        by_prompt[tuple(t.prompt_ids)].append(t)
+    return [Group(prompt_ids=ts[0].prompt_ids, prefix_ids=[], uid=ts[0].uid, step=0,
+                  continuations=[Continuation(ids=t.completion_ids, reward=t.reward) for t in ts])
+            for ts in by_prompt.values()]
+
+
+def reset_groups(trajs: Sequence[Trajectory], locs: Sequence[Localization], sampler: PolicySampler,
+                 cfg: GPOConfig) -> list[Group]:
+    """GPO arm: for each explored trajectory, candidates continuing the prefix before its critical step."""
+    chosen = [(t, loc) for t, loc in zip(trajs, locs) if loc.critical is not None
+              and (cfg.reset_undetermined or loc.status != "undetermined")]
+    # New samples start after the estimator's sample indices so they are fresh draws.
+    jobs = [Job(t, loc.critical, cfg.reset_samples, offset=len(loc.samples.get(loc.critical, [])))  # type: ignore[arg-type]
+            for t, loc in chosen]
+    fresh = sampler(jobs)
+    groups = []
+    for (t, loc), new in zip(chosen, fresh):
+        step = int(loc.critical)  # type: ignore[arg-type]
+        cands = list(new)
+        if cfg.reuse_estimation:
+            cands += loc.samples.get(step, [])
+        if cfg.include_original:
+            cands.append(Continuation(ids=t.completion_ids[t.prefix_len(step):], reward=t.reward))
+        groups.append(Group(prompt_ids=t.prompt_ids, prefix_ids=t.completion_ids[: t.prefix_len(step)],
+                            continuations=cands, uid=t.uid, step=step))
+    return groups
+
+
+def collect_round(rows: Sequence[dict[str, Any]], sampler: PolicySampler, estimator: Estimator | None,
+                  cfg: GPOConfig, seed: int) -> RoundData:
+    """Sample trajectories for `rows` and build this round's candidate groups (GPO or baseline)."""
+    engine = sampler.engine
+    tok0, t0 = engine.stats.generated_tokens, time.perf_counter()
+    trajs = sampler.trajectories(rows, cfg.samples_per_prompt)
+    traj_tokens = engine.stats.generated_tokens - tok0
+    stats: dict[str, Any] = {
+        "rollout/trajectories": len(trajs),
+        "rollout/train_accuracy": sum(t.reward for t in trajs) / max(1, len(trajs)),
+        "rollout/mean_steps": sum(t.n_steps for t in trajs) / max(1, len(trajs)),
+        "rollout/trajectory_tokens": traj_tokens,
+    }
+    if not cfg.enabled or estimator is None:
+        groups = prompt_groups(trajs)
+        stats["time/rollout_s"] = time.perf_counter() - t0
+        stats["rollout/round_generated_tokens"] = engine.stats.generated_tokens - tok0
+        return RoundData(trajs, None, groups, stats)
+
+    locs = estimator.locate(trajs, sampler, seed)
+    explored = [loc for loc in locs if loc.status != "skipped"]
+    tok1 = engine.stats.generated_tokens
+    groups = reset_groups(trajs, locs, sampler, cfg)
+    agree = agreement(locs, trajs)
+    counts = status_counts(locs)
+    stats.update({
+        "gpo/explored": len(explored),
+        "gpo/undetermined": counts.get("undetermined", 0),
+        "gpo/trivial": counts.get("trivial", 0),
+        "gpo/critical_step_hist": critical_step_hist(explored, HIST_BINS),
+        "gpo/first_error_hist": critical_step_hist(
+            [Localization([], [], t.first_error, "located") for t in trajs if t.first_error is not None], HIST_BINS),
+        "gpo/critical_agrees_first_error": agree["agreement"],
+        "gpo/agreement_n": agree["n"],
+        "gpo/rollouts_per_trajectory": sum(loc.rollouts for loc in explored) / max(1, len(explored)),
+        "gpo/rollout_tokens_per_trajectory": sum(loc.tokens for loc in explored) / max(1, len(explored)),
+        "gpo/estimation_tokens": sum(loc.tokens for loc in explored),
+        "gpo/reset_tokens": engine.stats.generated_tokens - tok1,
+        "gpo/reset_groups": len(groups),
+    })
+    stats["time/rollout_s"] = time.perf_counter() - t0
+    stats["rollout/round_generated_tokens"] = engine.stats.generated_tokens - tok0
+    return RoundData(trajs, locs, groups, stats)

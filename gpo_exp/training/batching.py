@@ -1,0 +1,37 @@
+"""Right-padded batches of (prompt + completion) token sequences and their per-token log-probs.
+
+Log-prob code uses right padding: a plain forward pass (unlike `generate`) does not fix positions
+for left padding. `loss_mask` marks the completion tokens a loss should count.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from transformers import PreTrainedModel
+
+
+def pad_sequences(seqs: Sequence[Sequence[int]], starts: Sequence[int], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad `seqs`; loss_mask is 1 on tokens at index >= starts[i] (the scored completion)."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(seqs), T), dtype=torch.long)
+    loss = torch.zeros((len(seqs), T), dtype=torch.float32)
+    for i, (s, st) in enumerate(zip(seqs, starts)):
+        ids[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
+        attn[i, : len(s)] = 1
+        loss[i, st: len(s)] = 1.0
+    return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss}
+
+
+def token_logps(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """log p(token_t | tokens_<t) for t >= 1, shape (B, T); column 0 is 0 (no prediction for it)."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
+    logps = torch.log_softmax(logits, dim=-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    return torch.nn.functional.pad(logps, (1, 0))
+
+
+def sequence_logps(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-prob of each sequence's masked tokens, and the number of those tokens."""
+    logps = token_logps(model, batch["input_ids"], batch["attention_mask"]) * batch["loss_mask"]
+    return logps.sum(-1), batch["loss_mask"].sum(-1)

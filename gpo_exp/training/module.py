@@ -1,0 +1,45 @@
+"""The LightningModule: the policy, a frozen reference, and the base optimizer's loss."""
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from gpo_exp.training.objectives import Objective
+
+
+class PolicyModule(pl.LightningModule):
+    def __init__(self, policy: PreTrainedModel, objective: Objective, ref: PreTrainedModel | None = None,
+                 value_head: nn.Module | None = None) -> None:
+        super().__init__()
+        self.policy = policy
+        self.objective = objective
+        self.ref = ref
+        if ref is not None:  # frozen: no gradients, never in the optimizer, always in eval mode
+            ref.requires_grad_(False)
+            ref.eval()
+        self.value_head = value_head
+        self.skipped_batches = 0  # batches with no preference signal (nothing to learn from)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        if batch.get("skip"):
+            self.skipped_batches += 1
+            self.log("train/skipped_batches", float(self.skipped_batches))
+            return None  # Lightning skips the optimizer step
+        if self.ref is not None:
+            self.ref.eval()
+        loss, metrics = self.objective.loss(self.policy, batch, self.ref, self.value_head)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite {self.objective.cfg.name} loss {loss.item()} at step {self.global_step}")
+        self.log("train/loss", loss, prog_bar=True, batch_size=int(batch["input_ids"].shape[0]))
+        self.log_dict({f"train/{k}": float(v) for k, v in metrics.items()}, batch_size=int(batch["input_ids"].shape[0]))
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        params = list(self.policy.parameters())
+        if self.value_head is not None:
+            params += list(self.value_head.parameters())
+        return torch.optim.AdamW(params, lr=self.objective.cfg.lr, weight_decay=self.objective.cfg.weight_decay)

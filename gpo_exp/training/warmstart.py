@@ -1,0 +1,149 @@
+"""Supervised warm start: fine-tune the policy on worked solutions, cached by the config that made it.
+
+GPO needs a policy that sometimes succeeds and sometimes fails. The embedded `tiny` model starts
+from random weights, so the first run trains it on the benchmark's worked solutions and saves the
+result under the cache directory, keyed by a hash of every setting that affects it; later runs load
+it in seconds.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from gpo_exp.registry import check
+from gpo_exp.training.batching import pad_sequences, sequence_logps
+
+log = logging.getLogger(__name__)
+
+SHIPPED = Path(__file__).resolve().parent.parent / "assets" / "warmstart"  # checkpoints shipped with the package
+
+
+@dataclass
+class WarmStartConfig:
+    enabled: bool = True  # run (or load) the supervised warm start before GPO
+    steps: int = 1500  # optimizer steps of supervised fine-tuning
+    batch_size: int = 64  # sequences per step
+    lr: float = 3e-3  # peak AdamW learning rate (linear warmup, cosine decay)
+    warmup_steps: int = 50  # linear warmup steps
+    weight_decay: float = 0.0  # AdamW weight decay
+    max_rows: int | None = None  # use at most this many training rows (None: all)
+    cache_dir: str = "~/.cache/gpo_exp/warmstart"  # where warm-started checkpoints are kept
+    force: bool = False  # retrain even when a cached checkpoint exists
+    seed: int = 0  # seed of initialisation and batch order (separate from the GPO seed on purpose)
+
+    def __post_init__(self) -> None:
+        check(self.steps >= 0, "warm_start.steps", self.steps, ">= 0")
+        check(self.batch_size >= 1, "warm_start.batch_size", self.batch_size, ">= 1")
+        check(self.lr > 0, "warm_start.lr", self.lr, "> 0")
+
+
+def cache_key(*parts: Any) -> str:
+    """Short stable hash of JSON-able settings."""
+    blob = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def cached_dir(cfg: WarmStartConfig, key: str) -> Path:
+    return Path(cfg.cache_dir).expanduser() / key
+
+
+def load_cached(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase] | None:
+    if not (path / "done").exists():
+        return None
+    return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+
+
+def supervised_finetune(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[list[int]],
+                        solutions: Sequence[list[int]], cfg: WarmStartConfig,
+                        progress: Callable[[int, float], None] | None = None) -> list[float]:
+    """Train on prompt + solution + eos, loss on the solution tokens only. Returns the loss curve."""
+    rng = random.Random(cfg.seed)
+    seqs = [p + s + [tokenizer.eos_token_id] for p, s in zip(prompts, solutions)]
+    starts = [len(p) for p in prompts]
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+
+    def lr_at(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return cfg.lr * (step + 1) / cfg.warmup_steps
+        frac = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * frac))
+
+    model.train()
+    losses = []
+    for step in range(cfg.steps):
+        idx = rng.sample(range(len(seqs)), min(cfg.batch_size, len(seqs)))
+        batch = pad_sequences([seqs[i] for i in idx], [starts[i] for i in idx], tokenizer.pad_token_id)
+        logp, n = sequence_logps(model, batch)
+        loss = -(logp.sum() / n.sum())
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        if progress is not None:
+            progress(step, losses[-1])
+    model.eval()
+    return losses
+
+
+def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: Path,
+                    meta: dict[str, Any]) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    (path / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
+    (path / "done").write_text(time.strftime("%Y-%m-%d %H:%M:%S"))  # written last: a crash leaves no half cache
+
+
+def warm_start(model_cfg: Any, benchmark: Any, cfg: WarmStartConfig,
+               progress: Callable[[int, float], None] | None = None
+               ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict[str, Any]]:
+    """The warm-started policy for (model, benchmark): loaded from cache, or trained and cached.
+
+    Lookup order: the user cache, then checkpoints shipped in gpo_exp/assets (made by this same
+    function; see `python -m gpo_exp.warmstart`), then training. Returns (model, tokenizer, info).
+    """
+    from gpo_exp.models import build_base
+    from gpo_exp.models.prompting import encode_prompt
+
+    rows = benchmark.load("train")
+    if cfg.max_rows is not None:
+        rows = rows[: cfg.max_rows]
+    key = cache_key(asdict(model_cfg), asdict(benchmark.cfg), {k: v for k, v in asdict(cfg).items()
+                                                              if k not in ("cache_dir", "force", "enabled")})
+    info: dict[str, Any] = {"key": key, "source": "none", "seconds": 0.0}
+    if not cfg.enabled or cfg.steps == 0:
+        model, tok = build_base(model_cfg, [benchmark.prompt(r) + r.get("solution", "") for r in rows])
+        return model, tok, info
+    for path, source in ((cached_dir(cfg, key), "cache"), (SHIPPED / key, "shipped")):
+        if not cfg.force and (loaded := load_cached(path)) is not None:
+            log.info("warm start: loaded %s checkpoint %s", source, path)
+            return loaded[0], loaded[1], {**info, "source": source, "path": str(path)}
+    if any("solution" not in r for r in rows):
+        raise ValueError(f"benchmark {benchmark.name} has no worked solutions; set warm_start.enabled=false")
+    torch.manual_seed(cfg.seed)
+    t0 = time.perf_counter()
+    model, tok = build_base(model_cfg, [benchmark.prompt(r) + r["solution"] for r in rows])
+    prompts = [encode_prompt(tok, benchmark.prompt(r), model_cfg.chat_template) for r in rows]
+    solutions = [tok(r["solution"], add_special_tokens=False).input_ids for r in rows]
+    losses = supervised_finetune(model, tok, prompts, solutions, cfg, progress)
+    seconds = time.perf_counter() - t0
+    path = cached_dir(cfg, key)
+    save_checkpoint(model, tok, path, {"key": key, "seconds": seconds, "final_loss": losses[-1] if losses else None,
+                                       "model": asdict(model_cfg), "warm_start": asdict(cfg)})
+    log.info("warm start: trained %d steps in %.0fs (final loss %.3f), saved to %s", cfg.steps, seconds,
+             losses[-1] if losses else float("nan"), path)
+    return model, tok, {**info, "source": "trained", "path": str(path), "seconds": seconds,
+                        "final_loss": losses[-1] if losses else None}
