@@ -37,7 +37,7 @@ class RolloutDataModule(pl.LightningDataModule):
         data = self.examples or [{"skip": True}]
         bs = self.objective.cfg.batch_size
         if self.objective.kind == "rollouts":  # keep groups intact: examples come ordered by group
-            return DataLoader(data, batch_size=bs, shuffle=False, collate_fn=partial(_collate, objective=self.objective, pad_id=self.pad_id))
+            return DataLoader(data * self.objective.passes, batch_size=bs, shuffle=False, collate_fn=partial(_collate, objective=self.objective, pad_id=self.pad_id))
         g = torch.Generator().manual_seed(self.seed * 1000 + self.round)
         return DataLoader(data * self.objective.cfg.epochs_per_round, batch_size=bs, shuffle=True, generator=g,
                           collate_fn=partial(_collate, objective=self.objective, pad_id=self.pad_id))

@@ -24,13 +24,16 @@ class PolicyModule(pl.LightningModule):
         self.value_head = value_head
         self.skipped_batches = 0  # batches with no preference signal (nothing to learn from)
 
+    def on_train_epoch_start(self) -> None:
+        self.policy.train()  # generation and evaluation leave it in eval mode
+        if self.ref is not None:
+            self.ref.eval()
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         if batch.get("skip"):
             self.skipped_batches += 1
             self.log("train/skipped_batches", float(self.skipped_batches))
             return None  # Lightning skips the optimizer step
-        if self.ref is not None:
-            self.ref.eval()
         loss, metrics = self.objective.loss(self.policy, batch, self.ref, self.value_head)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite {self.objective.cfg.name} loss {loss.item()} at step {self.global_step}")

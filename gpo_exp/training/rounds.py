@@ -97,6 +97,8 @@ class GPORoundCallback(pl.Callback):
         self.objective.precompute(examples, pl_module.policy, getattr(pl_module, "ref", None),
                                   self.sampler.tokenizer.pad_token_id)
         data.stats["time/precompute_s"] = time.perf_counter() - t0
+        if hasattr(self.objective, "skipped_groups"):  # GRPO: groups with equal rewards carry no signal
+            data.stats["gpo/skipped_groups"] = self.objective.skipped_groups
         self.dm.set_examples(examples, r)
         self._account(data, examples)
         self._save(r, data, examples)
@@ -106,6 +108,31 @@ class GPORoundCallback(pl.Callback):
                  len(data.groups), f", critical steps {s['gpo/critical_step_hist']}" if self.gpo.enabled else "",
                  s["rollout/round_generated_tokens"], s["time/rollout_s"])
         self._pending = {**{k: v for k, v in s.items() if not isinstance(v, list)}, "gpo/pairs_round": len(examples)}
+        self._log_wandb(trainer, r, data)
+
+    def _log_wandb(self, trainer: pl.Trainer, r: int, data: RoundData) -> None:
+        """Dashboard panels: a table of sampled trajectories (steps, values, critical step) and a histogram."""
+        wandb_loggers = [lg for lg in trainer.loggers if lg.__class__.__name__ == "WandbLogger"]
+        if not wandb_loggers or data.localizations is None:
+            return
+        import wandb
+
+        tok = self.sampler.tokenizer
+        table = wandb.Table(columns=["round", "uid", "prompt", "reward", "steps", "values", "critical",
+                                     "first_error", "status", "rollout_tokens"])
+        shown = [(t, loc) for t, loc in zip(data.trajectories, data.localizations) if loc.status != "skipped"][:16]
+        for t, loc in shown:
+            steps = step_texts(t.completion_ids, t.step_ends, tok)
+            marked = "\n".join(("▶ " if i == loc.critical else "  ") + s.rstrip("\n") for i, s in enumerate(steps))
+            values = " ".join("-" if v is None else f"{v:.2f}" for v in loc.values)
+            table.add_data(r, t.uid, t.row.get("prompt"), t.reward, marked, values, loc.critical, t.first_error,
+                           loc.status, loc.tokens)
+        crit = [loc.critical for loc in data.localizations if loc.critical is not None]
+        panels: dict[str, Any] = {"gpo/trajectories": table}
+        if crit:
+            panels["gpo/critical_step"] = wandb.Histogram(crit)
+        for lg in wandb_loggers:
+            lg.experiment.log(panels)
 
     def _account(self, data: RoundData, examples: list[dict[str, Any]]) -> None:
         h, s = self.history, data.stats

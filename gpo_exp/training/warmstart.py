@@ -31,7 +31,7 @@ SHIPPED = Path(__file__).resolve().parent.parent / "assets" / "warmstart"  # che
 @dataclass
 class WarmStartConfig:
     enabled: bool = True  # run (or load) the supervised warm start before GPO
-    steps: int = 1500  # optimizer steps of supervised fine-tuning
+    steps: int = 600  # optimizer steps of supervised fine-tuning (calibrated: ~50% sampled accuracy on arith)
     batch_size: int = 64  # sequences per step
     lr: float = 3e-3  # peak AdamW learning rate (linear warmup, cosine decay)
     warmup_steps: int = 50  # linear warmup steps
@@ -121,8 +121,10 @@ def warm_start(model_cfg: Any, benchmark: Any, cfg: WarmStartConfig,
     rows = benchmark.load("train")
     if cfg.max_rows is not None:
         rows = rows[: cfg.max_rows]
-    key = cache_key(asdict(model_cfg), asdict(benchmark.cfg), {k: v for k, v in asdict(cfg).items()
-                                                              if k not in ("cache_dir", "force", "enabled")})
+    # Only settings that change the trained weights enter the key (not generation or step settings).
+    bench = {k: v for k, v in asdict(benchmark.cfg).items() if k not in ("steps", "max_new_tokens", "max_rows")}
+    key = cache_key(asdict(model_cfg), bench, {k: v for k, v in asdict(cfg).items()
+                                               if k not in ("cache_dir", "force", "enabled")})
     info: dict[str, Any] = {"key": key, "source": "none", "seconds": 0.0}
     if not cfg.enabled or cfg.steps == 0:
         model, tok = build_base(model_cfg, [benchmark.prompt(r) + r.get("solution", "") for r in rows])
@@ -147,3 +149,34 @@ def warm_start(model_cfg: Any, benchmark: Any, cfg: WarmStartConfig,
              losses[-1] if losses else float("nan"), path)
     return model, tok, {**info, "source": "trained", "path": str(path), "seconds": seconds,
                         "final_loss": losses[-1] if losses else None}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m gpo_exp.training.warmstart [--ship]`: (re)train the default warm start and report it.
+
+    --ship copies the checkpoint into gpo_exp/assets/warmstart/<key>, which is how the shipped
+    checkpoint of the embedded default was made.
+    """
+    import argparse
+    import shutil
+
+    from gpo_exp.benchmarks import get
+    from gpo_exp.models.config import ModelConfig
+
+    ap = argparse.ArgumentParser(description="Train the default warm start (tiny model on arith).")
+    ap.add_argument("--ship", action="store_true", help="copy the result into gpo_exp/assets/warmstart/")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
+    cfg = WarmStartConfig(force=True)
+    model, tok, info = warm_start(ModelConfig(), get("arith"), cfg,
+                                  progress=lambda s, l: log.info("step %d loss %.4f", s, l) if s % 100 == 0 else None)
+    print(json.dumps(info, indent=2, default=str))
+    if args.ship:
+        dest = SHIPPED / info["key"]
+        shutil.rmtree(dest, ignore_errors=True)
+        shutil.copytree(info["path"], dest)
+        print(f"shipped to {dest}")
+
+
+if __name__ == "__main__":
+    main()

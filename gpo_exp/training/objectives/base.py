@@ -44,6 +44,7 @@ class Objective:
     kind = "pairs"
     uses_reference = True  # SimPO and ORPO train without a reference model
     uses_value_head = False  # PPO adds a value head
+    passes = 1  # times the DataModule serves one round's rollouts (PPO: ppo_epochs)
 
     def __init__(self, cfg: OptimizerConfig) -> None:
         self.cfg = cfg

@@ -34,7 +34,7 @@ TOKEN_FIELDS = ("old_logps", "ref_logps", "old_values", "advantages", "returns")
 class RolloutConfig(OptimizerConfig):
     """Fields shared by the rollout optimizers."""
 
-    rollouts_per_example: int = 4  # round cap = examples_per_round * this many rollouts (4: the baseline's samples_per_prompt)
+    rollouts_per_example: int = 4  # round cap: examples_per_round * this many rollouts (4 = default samples_per_prompt)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -220,12 +220,17 @@ class PPO(RolloutObjective):
     """PPO with a KL-shaped token reward, GAE and a value head on the policy's last hidden state.
 
     Every continuation of every group is a rollout (the group structure is not used by the loss).
-    `ppo_epochs` passes: `precompute` appends ppo_epochs - 1 more references to the same examples to
-    the round's list, in order (the rollout DataLoader does not shuffle).
+    `ppo_epochs` passes: the DataModule serves the round's buffer `passes` times, in order (the
+    rollout DataLoader does not shuffle); when the buffer is not a multiple of batch_size, one batch
+    holds the end of a pass and the start of the next.
     """
 
     cfg: PPOConfig
     uses_value_head = True
+
+    @property
+    def passes(self) -> int:
+        return self.cfg.ppo_epochs
 
     def __init__(self, cfg: PPOConfig) -> None:
         super().__init__(cfg)
@@ -267,7 +272,6 @@ class PPO(RolloutObjective):
         for i, e in enumerate(examples):
             n = span(e)
             e["advantages"], e["returns"] = adv[i, :n].tolist(), returns[i, :n].tolist()
-        examples.extend(examples * (self.cfg.ppo_epochs - 1))  # the same dicts again: more passes, in order
 
     def loss(self, policy: nn.Module, batch: dict[str, torch.Tensor], ref: nn.Module | None,
              value_head: nn.Module | None = None) -> tuple[torch.Tensor, dict[str, float]]:

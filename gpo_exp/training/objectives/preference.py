@@ -35,6 +35,16 @@ class DPOConfig(OptimizerConfig):
 
 
 @dataclass
+class IPOConfig(DPOConfig):
+    name: str = "ipo"  # registry name
+    loss_type: str = "ipo"  # IPO is DPO's pairs with the squared per-token loss
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.loss_type == "ipo", "optimizer.loss_type", self.loss_type, "ipo for optimizer=ipo (use dpo for others)")
+
+
+@dataclass
 class SimPOConfig(OptimizerConfig):
     name: str = "simpo"  # registry name
     lr: float = 1e-5  # AdamW learning rate
@@ -121,7 +131,7 @@ class PairObjective(Objective):
 
 
 @OPTIMIZERS.register("dpo", DPOConfig)
-@OPTIMIZERS.register("ipo", DPOConfig)
+@OPTIMIZERS.register("ipo", IPOConfig)
 class DPO(PairObjective):
     """DPO and variants (`loss_type`); `ipo` is DPO with loss_type=ipo (conf/optimizer/ipo.yaml)."""
 
