@@ -140,7 +140,7 @@ def print_table(summary: dict[str, Any], run_dir: Path) -> None:
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(dcfg: DictConfig) -> dict[str, Any] | None:
+def main(dcfg: DictConfig) -> float:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         cfg = validate(dcfg)
@@ -159,7 +159,7 @@ def main(dcfg: DictConfig) -> dict[str, Any] | None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print_table(summary, run_dir)
-    return summary
+    return float(summary["eval/accuracy_after"])  # what sweepers (optuna) maximise
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ def _options(group: str) -> list[str]:
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in _options(g)])
 def test_every_config_file_composes_and_validates(compose, group, option):
-    overrides = [f"+{group}={option}"] if group in ("experiment", "debug") else [f"{group}={option}"]
+    overrides = [f"{group}={option}"]  # experiment/debug default to null in config.yaml
     if group == "model" and option == "hf":
         overrides.append("model.path=/some/local/dir")
     cfg = compose(overrides)

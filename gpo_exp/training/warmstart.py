@@ -11,6 +11,8 @@ import hashlib
 import json
 import logging
 import math
+import os
+import shutil
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -100,11 +102,17 @@ def supervised_finetune(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBa
 
 def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: Path,
                     meta: dict[str, Any]) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    (path / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
-    (path / "done").write_text(time.strftime("%Y-%m-%d %H:%M:%S"))  # written last: a crash leaves no half cache
+    # Write to a private folder and rename it into place: parallel sweep jobs never see half a cache.
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
+    (tmp / "done").write_text(time.strftime("%Y-%m-%d %H:%M:%S"))
+    try:
+        tmp.rename(path)
+    except OSError:  # another job finished the same checkpoint first: keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def warm_start(model_cfg: Any, benchmark: Any, cfg: WarmStartConfig,
@@ -158,7 +166,6 @@ def main(argv: list[str] | None = None) -> None:
     checkpoint of the embedded default was made.
     """
     import argparse
-    import shutil
 
     from gpo_exp.benchmarks import get
     from gpo_exp.models.config import ModelConfig
