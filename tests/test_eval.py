@@ -1,0 +1,210 @@
+"""`python -m gpo_exp.eval`: config and its errors, exact metrics with a scripted engine, eval.json, wandb keys."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from gpo_exp.benchmarks import BENCHMARKS
+from gpo_exp.eval import evaluate_model, main, validate
+from gpo_exp.models.config import ModelConfig
+from gpo_exp.models.tiny import char_tokenizer, tiny_model
+from gpo_exp.registry import ConfigError
+from gpo_exp.rollout.engine import Generation, HFRolloutEngine
+from tests.conftest import CONF_DIR
+
+ARITH_S1 = ["+benchmark@bench.arith_s1=arith", "bench.arith_s1.seed=1", "benchmarks=[arith,arith_s1]"]
+QUICK = ["max_rows=5", "samples=2", "logger.wandb=false"]
+
+
+def arith_rows(seed: int = 0) -> list[dict]:
+    """Test rows of arith as conf/benchmark/arith.yaml configures it (what the evaluation loads)."""
+    cfg = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "benchmark" / "arith.yaml"))
+    return BENCHMARKS.build({**cfg, "seed": seed}).load("test")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matrices: one thread is ~10x faster than two on a CPU shared with other jobs."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random 1-layer GPT-2 with a char tokenizer over arith texts, saved like a run's checkpoint/."""
+    rows = arith_rows(0) + arith_rows(1)
+    tok = char_tokenizer([r["prompt"] + "\n" + r["solution"] for r in rows])
+    torch.manual_seed(0)
+    model = tiny_model(ModelConfig(n_layer=1, n_embd=32, n_head=4), tok)
+    out = tmp_path_factory.mktemp("run") / "checkpoint"
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture
+def compose():
+    """compose(overrides) -> DictConfig of conf/eval.yaml, like the command line would build it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    def _compose(overrides: list[str]):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return hydra_compose(config_name="eval", overrides=overrides)
+
+    yield _compose
+    GlobalHydra.instance().clear()
+
+
+def scripted_generate(tok, rows, greedy_right, sample_right):
+    """An engine.generate that answers from the gold solution: right or 'Answer: -1' as the two predicates say."""
+    index = {r["prompt"] + "\n": i for i, r in enumerate(rows)}
+
+    def generate(self, prefixes, sample_ids, *, seed, greedy=False, max_new_tokens=None):
+        out = []
+        for p, j in zip(prefixes, sample_ids):
+            i = index[tok.decode(p, skip_special_tokens=True)]
+            right = greedy_right(i) if greedy else sample_right(j)
+            text = rows[i]["solution"] if right else "Answer: -1"
+            out.append(Generation(ids=tok(text, add_special_tokens=False).input_ids + [tok.eos_token_id],
+                                  finished=True))
+        return out
+
+    return generate
+
+
+def test_defaults_compose_to_tiny_on_arith(compose):
+    cfg = validate(compose([]))
+    assert (cfg.model.source, cfg.benchmarks, cfg.split, cfg.samples, cfg.seed, cfg.max_rows) == \
+        ("tiny", ["arith"], "test", 4, 12345, None)
+    assert cfg.logger.wandb and cfg.logger.mode == "offline"
+    assert list(cfg.bench) == ["arith"] and cfg.bench["arith"].max_new_tokens == 64
+
+
+def test_checkpoint_shortcut_and_benchmark_variants(compose, checkpoint):
+    cfg = validate(compose([f"checkpoint={checkpoint}", *ARITH_S1, "bench.arith.mul_max=5"]))
+    assert (cfg.model.source, cfg.model.path, cfg.model.name) == ("hub", str(checkpoint), checkpoint.parent.name)
+    assert [(b.name, b.seed, b.mul_max) for b in cfg.bench.values()] == [("arith", 0, 5), ("arith", 1, 9)]
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("benchmarks=[arith,nope]", "unknown benchmark 'nope'; available: aime24, aime25, arith, bbh, date, gsm8k, "
+                                "gsm_symbolic, math500"),
+    ("samples=-1", "samples=-1"),
+    ("split=", "split=''"),
+    ("max_rows=0", "max_rows=0"),
+    ("benchmarks=[]", "benchmarks=[]"),
+    ("bench.arith.n_ops=[5,1]", "benchmark.n_ops=[5, 1]"),
+    ("checkpoint=/no/such/run/checkpoint", "checkpoint='/no/such/run/checkpoint': must be an existing HF directory"),
+])
+def test_bad_input_fails_with_one_line(compose, override, needle):
+    with pytest.raises(ConfigError) as err:
+        validate(compose([override]))
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_random_checkpoint_on_two_benchmarks_writes_eval_json(compose, checkpoint, tmp_path):
+    result = evaluate_model(compose([f"checkpoint={checkpoint}", *ARITH_S1, *QUICK, f"output_dir={tmp_path}"]))
+    metrics = {"accuracy", "sampled_accuracy", "pass@2", "maj@2"}
+    assert set(result) == {"model", "split", "samples", "seed", "benchmarks", "avg", "seconds"}
+    assert list(result["benchmarks"]) == ["arith", "arith_s1"]
+    for m in result["benchmarks"].values():
+        assert set(m) == metrics | {"n"} and m["n"] == 5
+        assert all(0.0 <= m[k] <= 1.0 for k in metrics) and m["sampled_accuracy"] <= m["pass@2"]
+    assert set(result["avg"]) == metrics
+    a, b = result["benchmarks"]["arith"], result["benchmarks"]["arith_s1"]
+    assert result["avg"] == {k: pytest.approx((a[k] + b[k]) / 2) for k in metrics}
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert saved["benchmarks"] == result["benchmarks"] and saved["avg"] == result["avg"]
+    assert saved["config"]["model"]["path"] == str(checkpoint) and saved["config"]["bench"]["arith_s1"]["seed"] == 1
+
+
+def test_scripted_engine_gives_exact_metrics(compose, checkpoint, tmp_path, monkeypatch):
+    """Greedy right on rows 0, 2, 4; samples 0 and 1 right, sample 2 wrong: 3/5, 2/3, pass 1, maj 1."""
+    from transformers import AutoTokenizer
+
+    tok, rows = AutoTokenizer.from_pretrained(checkpoint), arith_rows()[:5]
+    monkeypatch.setattr(HFRolloutEngine, "generate", scripted_generate(tok, rows, lambda i: i % 2 == 0,
+                                                                       lambda j: j < 2))
+    result = evaluate_model(compose([f"checkpoint={checkpoint}", "max_rows=5", "samples=3", "logger.wandb=false"]))
+    assert result["benchmarks"]["arith"] == {"accuracy": 0.6, "sampled_accuracy": pytest.approx(2 / 3),
+                                             "pass@3": 1.0, "maj@3": 1.0, "n": 5}
+
+    monkeypatch.setattr(HFRolloutEngine, "generate", scripted_generate(tok, rows, lambda i: True, lambda j: True))
+    assert evaluate_model(compose([f"checkpoint={checkpoint}", *QUICK]))["avg"] == \
+        {"accuracy": 1.0, "sampled_accuracy": 1.0, "pass@2": 1.0, "maj@2": 1.0}
+    monkeypatch.setattr(HFRolloutEngine, "generate", scripted_generate(tok, rows, lambda i: False, lambda j: False))
+    assert evaluate_model(compose([f"checkpoint={checkpoint}", *QUICK]))["avg"] == \
+        {"accuracy": 0.0, "sampled_accuracy": 0.0, "pass@2": 0.0, "maj@2": 0.0}
+
+
+def test_greedy_only_reports_accuracy_and_logs_wandb_keys(compose, checkpoint, monkeypatch):
+    logged: dict[str, float] = {}
+
+    class FakeRun:
+        summary = logged
+
+        def log(self, d):
+            logged.update(d)
+
+        def finish(self):
+            logged["finished"] = 1.0
+
+    import wandb
+
+    monkeypatch.setattr(wandb, "init", lambda **kw: FakeRun() if kw["mode"] == "offline" else None)
+    result = evaluate_model(compose([f"checkpoint={checkpoint}", *ARITH_S1, "max_rows=3", "samples=0"]))
+    assert result["benchmarks"]["arith"].keys() == {"accuracy", "n"} and result["avg"].keys() == {"accuracy"}
+    assert set(logged) == {"eval/arith/accuracy", "eval/arith/n", "eval/arith_s1/accuracy", "eval/arith_s1/n",
+                           "eval/avg/accuracy", "finished"}
+    assert logged["eval/avg/accuracy"] == result["avg"]["accuracy"] and logged["eval/arith/n"] == 3
+
+
+def test_command_line_prints_table_and_exits_2_on_bad_input(checkpoint, tmp_path, monkeypatch, capsys):
+    from hydra.core.global_hydra import GlobalHydra
+
+    run_dir = tmp_path / "eval_run"
+    monkeypatch.setattr(sys, "argv", ["gpo_exp.eval", f"checkpoint={checkpoint}", "max_rows=2", "samples=2",
+                                      "logger.wandb=false", f"hydra.run.dir={run_dir}"])
+    GlobalHydra.instance().clear()
+    main()
+    out = capsys.readouterr().out
+    saved = json.loads((run_dir / "eval.json").read_text())
+    assert "| benchmark | n | accuracy | sampled_accuracy | pass@2 | maj@2 | seconds |" in out
+    assert f"| arith | 2 | {saved['benchmarks']['arith']['accuracy']:.3f} |" in out
+    assert saved["benchmarks"]["arith"]["n"] == 2
+
+    monkeypatch.setattr(sys, "argv", ["gpo_exp.eval", "benchmarks=[nope]", f"hydra.run.dir={tmp_path / 'bad'}"])
+    GlobalHydra.instance().clear()
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: unknown benchmark 'nope'; available:") and "\n" not in err
+
+
+def test_tiny_without_warm_start_is_a_random_tiny_model(compose):
+    result = evaluate_model(compose(["model.n_layer=1", "model.n_embd=32", "warm_start.enabled=false", "max_rows=3",
+                                     "samples=0", "logger.wandb=false"]))
+    assert result["model"] == "tiny (warm start on arith: none)"
+    assert result["benchmarks"]["arith"]["n"] == 3 and 0.0 <= result["avg"]["accuracy"] <= 1.0
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_on_gsm_symbolic_and_arith(compose, tmp_path):
+    result = evaluate_model(compose(["model=smollm2_135m", "benchmarks=[gsm_symbolic,arith]", "max_rows=20",
+                                     "samples=0", "logger.wandb=false", f"output_dir={tmp_path}"]))
+    print(json.dumps(result, indent=2))
+    for m in result["benchmarks"].values():
+        assert m.keys() == {"accuracy", "n"} and m["n"] == 20 and 0.0 <= m["accuracy"] <= 1.0
+    assert result["avg"]["accuracy"] == pytest.approx(
+        (result["benchmarks"]["gsm_symbolic"]["accuracy"] + result["benchmarks"]["arith"]["accuracy"]) / 2)
