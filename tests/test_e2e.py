@@ -1,0 +1,84 @@
+"""End-to-end smoke runs of the GPO loop on the embedded default (seconds, with the shipped warm start)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from gpo_exp.config import validate
+from gpo_exp.run import apply_fast_dev_run, train
+
+
+def _run(compose, tmp_path, overrides):
+    dcfg = compose(["trainer.fast_dev_run=true", "logger.wandb=false", "trainer.progress_bar=false", *overrides])
+    cfg = validate(dcfg)
+    apply_fast_dev_run(cfg)
+    summary = train(cfg, tmp_path, OmegaConf.to_container(dcfg, resolve=True))
+    return cfg, summary
+
+
+def _warm_start_params(cfg):
+    from gpo_exp.benchmarks import BENCHMARKS
+    from gpo_exp.training.warmstart import warm_start
+    from dataclasses import asdict
+
+    model, _, info = warm_start(cfg.model, BENCHMARKS.build(asdict(cfg.benchmark)), cfg.warm_start)
+    return {k: v.clone() for k, v in model.state_dict().items()}, info
+
+
+def test_gpo_dpo_round_builds_prefix_sharing_pairs_and_changes_the_policy(compose, tmp_path):
+    cfg, summary = _run(compose, tmp_path, [])
+    assert summary["warm_start/source"] in ("shipped", "cache")
+    assert summary["gpo/pairs"] > 0 and summary["rounds"] == 1
+    assert summary["gpo/explored"] > 0 and sum(summary["gpo/critical_step_hist"]) == summary["gpo/explored"]
+    assert summary["rollout/generated_tokens"] > 0
+    # saved round data: every explored trajectory has V_0..V_n and its critical step
+    trajs = [json.loads(l) for l in (tmp_path / "rounds" / "round001_trajectories.jsonl").read_text().splitlines()]
+    explored = [t for t in trajs if t["status"] != "skipped"]
+    assert explored and all(len(t["values"]) == len(t["steps"]) + 1 for t in explored)
+    assert all(t["values"][-1] == t["reward"] for t in explored)
+    # a GPO pair shares its prefix: chosen and rejected start with the same text
+    pairs = [json.loads(l) for l in (tmp_path / "rounds" / "round001_examples.jsonl").read_text().splitlines()]
+    assert len(pairs) == summary["gpo/pairs"] and any(p["prefix_len"] > 0 for p in pairs)
+    for p in pairs:
+        assert p["chosen"] != p["rejected"]
+    # the policy moved away from the warm start
+    before, _ = _warm_start_params(cfg)
+    from transformers import AutoModelForCausalLM
+
+    after = AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint").state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert len(changed) > 0
+    assert (tmp_path / "summary.json").exists() and len((tmp_path / "rounds.jsonl").read_text().splitlines()) == 2
+
+
+def test_baseline_arm_builds_whole_trajectory_pairs(compose, tmp_path):
+    _, summary = _run(compose, tmp_path, ["gpo.enabled=false"])
+    assert summary["arm"] == "dpo" and summary["gpo/pairs"] > 0
+    assert "gpo/critical_step_hist" not in summary
+    pairs = [json.loads(l) for l in (tmp_path / "rounds" / "round001_examples.jsonl").read_text().splitlines()]
+    assert all(p["prefix_len"] == 0 for p in pairs)
+
+
+def test_a_finished_run_directory_is_never_overwritten(compose, tmp_path):
+    from gpo_exp.registry import ConfigError
+
+    (tmp_path / "summary.json").write_text("{}")
+    with pytest.raises(ConfigError, match="already holds a finished run"):
+        _run(compose, tmp_path, [])
+    assert (tmp_path / "summary.json").read_text() == "{}"
+
+
+def test_the_default_config_has_a_shipped_warm_start(compose):
+    """`make run` must never retrain silently: the shipped checkpoint's key is the default config's key."""
+    from dataclasses import asdict
+
+    from gpo_exp.benchmarks import BENCHMARKS
+    from gpo_exp.training.warmstart import SHIPPED, warm_start
+
+    cfg = validate(compose())
+    cfg.warm_start.cache_dir = "/nonexistent-cache-dir"  # skip the user cache: only the shipped copy may answer
+    _, _, info = warm_start(cfg.model, BENCHMARKS.build(asdict(cfg.benchmark)), cfg.warm_start)
+    assert info["source"] == "shipped" and (SHIPPED / info["key"] / "done").exists()
