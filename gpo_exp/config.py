@@ -36,11 +36,13 @@ class TrainerConfig:
     fast_dev_run: bool = False  # one round with tiny sizes: a smoke test of the whole loop
     save_checkpoint: bool = True  # save the final policy (HF format) in the run directory
     progress_bar: bool = True  # show progress bars for generation and training
+    cpu_threads: int | None = None  # torch intra-op CPU threads; null: 1 for model=tiny (its matrices are too small to split; more threads oversubscribe cores), torch's default otherwise
 
     def __post_init__(self) -> None:
         check(self.rounds >= 1, "trainer.rounds", self.rounds, ">= 1")
         check(self.eval_samples >= 0, "trainer.eval_samples", self.eval_samples, ">= 0")
         check(self.eval_rows is None or self.eval_rows >= 1, "trainer.eval_rows", self.eval_rows, ">= 1 or null")
+        check(self.cpu_threads is None or self.cpu_threads >= 1, "trainer.cpu_threads", self.cpu_threads, ">= 1 or null")
 
 
 @dataclass

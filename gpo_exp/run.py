@@ -71,7 +71,9 @@ def train(cfg: Resolved, run_dir: Path, config: dict[str, Any]) -> dict[str, Any
     if (run_dir / "summary.json").exists():
         raise ConfigError(f"run directory {run_dir} already holds a finished run; refusing to overwrite it")
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    threads = cfg.trainer.cpu_threads or (1 if cfg.model.source == "tiny" else None)
+    if threads:
+        torch.set_num_threads(threads)
     benchmark = BENCHMARKS.build(asdict(cfg.benchmark))
     train_rows, test_rows = benchmark.load("train"), benchmark.load("test")
     if cfg.trainer.eval_rows is not None:

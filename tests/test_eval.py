@@ -93,7 +93,7 @@ def test_defaults_compose_to_tiny_on_arith(compose):
 def test_checkpoint_shortcut_and_benchmark_variants(compose, checkpoint):
     cfg = validate(compose([f"checkpoint={checkpoint}", *ARITH_S1, "bench.arith.mul_max=5"]))
     assert (cfg.model.source, cfg.model.path, cfg.model.name) == ("hub", str(checkpoint), checkpoint.parent.name)
-    assert [(b.name, b.seed, b.mul_max) for b in cfg.bench.values()] == [("arith", 0, 5), ("arith", 1, 9)]
+    assert [(b.name, b.seed, b.mul_max) for b in cfg.bench.values()] == [("arith", 0, 5), ("arith", 1, 6)]
 
 
 @pytest.mark.parametrize("override,needle", [

@@ -1,0 +1,213 @@
+"""Batched sampling of continuations: deduplicated, length-bucketed, and reproducible per sample.
+
+Each sample is addressed by (prefix tokens, sample index j). Its randomness comes from a counter-based
+hash of (seed, prefix, j, position, token) turned into Gumbel noise, so a sample's tokens do not
+depend on which other requests share its batch. That makes deduplication exact (identical requests
+are generated once) and lets the engine sort requests by length into dense buckets freely.
+(Up to float rounding: left padding and batch shape move a row's logits by ~1e-7, which could flip a
+sampled token only on a near-exact tie of two perturbed scores; tests/test_engine.py checks the
+tokens are identical across batch sizes, orders and padding.)
+
+`RolloutEngine` is the interface (a vLLM backend only needs `generate`); `HFRolloutEngine` runs any
+HF causal LM with a KV cache.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+import torch
+from transformers import PreTrainedModel
+
+from gpo_exp.registry import check
+
+_MASK32 = 0xFFFFFFFF
+
+
+@dataclass
+class EngineConfig:
+    backend: str = "hf"  # hf: batched HF forward passes with a KV cache (vllm: not implemented yet)
+    batch_size: int = 128  # sequences per generation batch (after length bucketing)
+    temperature: float = 1.0  # sampling temperature; 0 means greedy
+    top_p: float = 1.0  # nucleus sampling mass
+    max_new_tokens: int | None = None  # None: the benchmark's max_new_tokens
+    sort_by_length: bool = True  # bucket requests by prefix length so batches are densely packed
+    dedup: bool = True  # generate identical (prefix, sample index) requests once
+
+    def __post_init__(self) -> None:
+        check(self.backend == "hf", "engine.backend", self.backend, "hf")
+        check(self.batch_size >= 1, "engine.batch_size", self.batch_size, ">= 1")
+        check(self.temperature >= 0, "engine.temperature", self.temperature, ">= 0")
+        check(0 < self.top_p <= 1, "engine.top_p", self.top_p, "in (0, 1]")
+        check(self.max_new_tokens is None or self.max_new_tokens >= 1, "engine.max_new_tokens",
+              self.max_new_tokens, ">= 1 or null")
+
+
+@dataclass
+class Generation:
+    ids: list[int]  # new tokens, eos included when the model stopped
+    finished: bool  # False when max_new_tokens cut it off
+
+
+@dataclass
+class EngineStats:
+    generated_tokens: int = 0  # new tokens produced (after deduplication), all calls so far
+    requests: int = 0  # samples asked for
+    generated: int = 0  # samples actually generated (requests minus duplicates)
+    seconds: float = 0.0
+
+
+class RolloutEngine(Protocol):
+    stats: EngineStats
+
+    def generate(self, prefixes: Sequence[Sequence[int]], sample_ids: Sequence[int], *, seed: int,
+                 greedy: bool = False, max_new_tokens: int | None = None) -> list[Generation]:
+        """One generation per (prefix, sample id); sample (prefix, j, seed) is reproducible."""
+        ...
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer finaliser (lowbias32) on int64 tensors holding values < 2**32."""
+    x = ((x ^ (x >> 16)) * 0x7FEB352D) & _MASK32
+    x = ((x ^ (x >> 15)) * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def sample_keys(prefixes: Sequence[Sequence[int]], sample_ids: Sequence[int], seed: int) -> list[int]:
+    """A 32-bit key per (prefix, sample id, seed); Python's tuple-of-int hash is stable across runs."""
+    return [hash((seed, tuple(p), j)) & _MASK32 for p, j in zip(prefixes, sample_ids)]
+
+
+def gumbel_noise(keys: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
+    """Gumbel(0, 1) noise of shape (len(keys), vocab), a pure function of (key, step, token).
+
+    int64 products may wrap past 2**63; the wrap is modulo 2**64, so the low 32 bits kept are exact.
+    """
+    tok = torch.arange(vocab, dtype=torch.int64, device=keys.device)
+    h = _mix32((keys[:, None] * 0x9E3779B1 + step * 0x85EBCA77 + tok[None, :] * 0xC2B2AE3D) & _MASK32)
+    h = _mix32(h ^ (keys[:, None] & _MASK32))
+    u = (h.to(torch.float64) + 0.5) / 2**32
+    return (-torch.log(-torch.log(u))).to(torch.float32)
+
+
+def choose_tokens(logits: torch.Tensor, keys: torch.Tensor, step: int, temperature: float, top_p: float,
+                  greedy: bool) -> torch.Tensor:
+    """Sample one token per row by the Gumbel-max trick on temperature-scaled, top-p-filtered logits."""
+    if greedy or temperature == 0:
+        return logits.argmax(-1)
+    scores = logits.float() / temperature
+    if top_p < 1.0:
+        sorted_scores, order = scores.sort(-1, descending=True)
+        probs = sorted_scores.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= top_p  # keep the smallest set whose mass reaches top_p
+        scores = scores.scatter(-1, order, sorted_scores.masked_fill(drop, -math.inf))
+    return (scores + gumbel_noise(keys.to(scores.device), step, scores.shape[-1])).argmax(-1)
+
+
+@dataclass
+class HFRolloutEngine:
+    """Generation with any HF causal LM: left-padded buckets, explicit position ids, a KV cache.
+
+    Within a batch, identical prefixes (the K samples of one prefix) are prefilled once and their KV
+    cache is copied to the K rows, and rows that have finished are compacted out of the batch, so
+    late decoding steps only compute the rows still running.
+    """
+
+    model: PreTrainedModel
+    eos_id: int
+    pad_id: int
+    cfg: EngineConfig = field(default_factory=EngineConfig)
+    default_max_new_tokens: int = 64
+    stats: EngineStats = field(default_factory=EngineStats)
+
+    def generate(self, prefixes: Sequence[Sequence[int]], sample_ids: Sequence[int], *, seed: int,
+                 greedy: bool = False, max_new_tokens: int | None = None) -> list[Generation]:
+        t0 = time.perf_counter()
+        if any(len(p) == 0 for p in prefixes):
+            raise ValueError("every prefix needs at least one token (e.g. the prompt's BOS)")
+        limit = max_new_tokens or self.cfg.max_new_tokens or self.default_max_new_tokens
+        greedy = greedy or self.cfg.temperature == 0  # greedy samples of one prefix are all the same sample
+        keys = sample_keys(prefixes, [0 if greedy else j for j in sample_ids], seed)
+        # Deduplicate: identical (prefix, j) requests share one generation (exact, see module doc).
+        todo: list[tuple[int, tuple[int, ...]]] = []
+        index: dict[tuple[int, tuple[int, ...]], int] = {}
+        slot = []
+        for p, k in zip(prefixes, keys):
+            req = (k, tuple(p))
+            if req not in index or not self.cfg.dedup:
+                index[req] = len(todo)
+                todo.append(req)
+            slot.append(index[req])
+        order = list(range(len(todo)))
+        if self.cfg.sort_by_length:  # (length, tokens): the samples of one prefix land in one batch
+            order.sort(key=lambda i: (len(todo[i][1]), todo[i][1]))
+        results: list[Generation | None] = [None] * len(todo)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for b in range(0, len(order), self.cfg.batch_size):
+                idx = order[b: b + self.cfg.batch_size]
+                gens = self._generate_batch([todo[i][1] for i in idx], [todo[i][0] for i in idx], limit, greedy)
+                for i, g in zip(idx, gens):
+                    results[i] = g
+        finally:
+            self.model.train(was_training)
+        # Copies, so a caller editing one duplicate's ids does not edit the others.
+        out = [Generation(ids=list(results[s].ids), finished=results[s].finished) for s in slot]  # type: ignore[union-attr]
+        self.stats.requests += len(prefixes)
+        self.stats.generated += len(todo)
+        self.stats.generated_tokens += sum(len(g.ids) for g in results if g is not None)
+        self.stats.seconds += time.perf_counter() - t0
+        return out
+
+    @torch.no_grad()
+    def _generate_batch(self, prefixes: list[tuple[int, ...]], keys: list[int], limit: int,
+                        greedy: bool) -> list[Generation]:
+        device = self.model.device
+        # Prefill each distinct prefix once, then give every request row a copy of its prefix's cache.
+        uniq: dict[tuple[int, ...], int] = {}
+        src = [uniq.setdefault(p, len(uniq)) for p in prefixes]
+        U, L = len(uniq), max(len(p) for p in uniq)
+        ids = torch.full((U, L), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((U, L), dtype=torch.long)
+        for r, p in enumerate(uniq):  # left padding: every row's next token sits at column L
+            ids[r, L - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask[r, L - len(p):] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+        cache, logits = out.cache, out.logits[:, -1]
+        rows = torch.tensor(src, dtype=torch.long, device=device)
+        if U < len(prefixes):
+            cache.batch_select_indices(rows)
+        logits, mask, next_pos = logits[rows], mask[rows], pos[rows, -1] + 1
+        key_t = torch.tensor(keys, dtype=torch.int64, device=device)
+        live = torch.arange(len(prefixes), device=device)  # batch row -> request index, for rows still running
+        toks = torch.full((len(prefixes), limit), self.pad_id, dtype=torch.long, device=device)
+        for t in range(limit):
+            tok = choose_tokens(logits, key_t, t, self.cfg.temperature, self.cfg.top_p, greedy)
+            toks[live, t] = tok
+            if t == limit - 1:
+                break
+            going = tok != self.eos_id
+            n_going = int(going.sum())
+            if n_going == 0:
+                break
+            if n_going < len(live):  # compact finished rows out of the batch (and its KV cache)
+                keep = going.nonzero().squeeze(1)
+                cache.batch_select_indices(keep)
+                live, key_t, mask, next_pos, tok = live[keep], key_t[keep], mask[keep], next_pos[keep], tok[keep]
+            mask = torch.cat([mask, torch.ones((len(live), 1), dtype=mask.dtype, device=device)], dim=1)
+            out = self.model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None],
+                             cache=cache, use_cache=True)
+            cache, logits = out.cache, out.logits[:, -1]
+            next_pos = next_pos + 1
+        gens = []
+        for row in toks.tolist():
+            if self.eos_id in row:
+                gens.append(Generation(ids=row[: row.index(self.eos_id) + 1], finished=True))
+            else:
+                gens.append(Generation(ids=row, finished=False))
+        return gens
