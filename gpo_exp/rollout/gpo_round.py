@@ -34,7 +34,7 @@ class GPOConfig:
     reuse_estimation: bool = True  # add the estimator's rollouts from the reset prefix to the reset candidates
     include_original: bool = True  # the trajectory's own continuation from the reset prefix is a candidate too
     reset_undetermined: bool = True  # also reset trajectories whose values carry no information (tie-break step)
-    pairs_per_group: int = 1  # preference pairs drawn from one group of candidates
+    pairs_per_group: int = 2  # preference pairs drawn from one group of candidates (2 lets the baseline reach the cap too)
     examples_per_round: int = 64  # cap on training examples (pairs, or rollout groups) per round, both arms
     max_generated_tokens: int | None = None  # stop training once cumulative generated tokens reach this
     steps: StepsConfig | None = None  # step segmentation; null: the benchmark's default

@@ -74,15 +74,24 @@ OPTIMIZERS: Registry[Objective] = Registry("optimizer")
 
 
 def split_outcomes(group: Group) -> tuple[list[Continuation], list[Continuation]]:
-    """(correct, incorrect) continuations of a group; rewards are 0/1 outcomes."""
-    good = [c for c in group.continuations if c.reward > 0.5]
-    bad = [c for c in group.continuations if c.reward <= 0.5]
+    """(correct, incorrect) distinct continuations of a group; rewards are 0/1 outcomes.
+
+    Identical token sequences (a reused estimation rollout equal to a fresh sample, say) count once,
+    so a group never yields the same pair twice.
+    """
+    seen: set[tuple[int, ...]] = set()
+    good, bad = [], []
+    for c in group.continuations:
+        if tuple(c.ids) in seen:
+            continue
+        seen.add(tuple(c.ids))
+        (good if c.reward > 0.5 else bad).append(c)
     return good, bad
 
 
 def preference_pairs(groups: Sequence[Group], limit: int, rng: random.Random,
                      pairs_per_group: int) -> list[tuple[Group, Continuation, Continuation]]:
-    """Up to `pairs_per_group` (chosen correct, rejected incorrect) pairs per group, at most `limit` in all.
+    """Up to `pairs_per_group` distinct (chosen correct, rejected incorrect) pairs per group, `limit` in all.
 
     Groups are visited in a seeded random order so the cap does not favour early prompts.
     """
@@ -91,13 +100,8 @@ def preference_pairs(groups: Sequence[Group], limit: int, rng: random.Random,
     out = []
     for g in order:
         good, bad = split_outcomes(g)
-        seen = set()
-        for _ in range(min(pairs_per_group, len(good) * len(bad))):
-            for _try in range(20):  # distinct (chosen, rejected) texts where possible
-                c, r = rng.choice(good), rng.choice(bad)
-                if (tuple(c.ids), tuple(r.ids)) not in seen:
-                    break
-            seen.add((tuple(c.ids), tuple(r.ids)))
+        combos = [(c, r) for c in good for r in bad]
+        for c, r in rng.sample(combos, min(pairs_per_group, len(combos))):
             out.append((g, c, r))
             if len(out) >= limit:
                 return out

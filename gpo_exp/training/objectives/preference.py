@@ -26,10 +26,12 @@ class DPOConfig(OptimizerConfig):
     beta: float = 0.1  # KL strength (DPO paper; TRL default 0.1)
     loss_type: str = "sigmoid"  # sigmoid (DPO) | ipo | hinge | robust
     label_smoothing: float = 0.0  # robust only: assumed fraction of flipped labels, in [0, 0.5)
+    rpo_alpha: float = 0.0  # weight of the chosen completion's per-token NLL added to the loss (RPO, Pang et al. 2024; TRL rpo_alpha); 0 = plain DPO
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check(self.beta > 0, "optimizer.beta", self.beta, "> 0")
+        check(self.rpo_alpha >= 0, "optimizer.rpo_alpha", self.rpo_alpha, ">= 0")
         check(self.loss_type in losses.DPO_LOSS_TYPES, "optimizer.loss_type", self.loss_type,
               f"one of {', '.join(losses.DPO_LOSS_TYPES)}")
 
@@ -144,7 +146,12 @@ class DPO(PairObjective):
         per_ex, cr, rr = losses.dpo_loss(pol[:B], pol[B:], rl[:B], rl[B:], beta=self.cfg.beta,
                                          loss_type=self.cfg.loss_type, label_smoothing=self.cfg.label_smoothing)
         kl = (logps - ref_logps).mean().item()  # mean sequence log-ratio policy/reference on the batch
-        return per_ex, cr, rr, {"kl": kl}
+        extra = {"kl": kl}
+        if self.cfg.rpo_alpha > 0:  # RPO: keep the chosen (correct) reasoning likely while separating the pair
+            nll = -(logps[:B] / lengths[:B].clamp(min=1))
+            per_ex = per_ex + self.cfg.rpo_alpha * nll
+            extra["nll_loss"] = nll.mean().item()
+        return per_ex, cr, rr, extra
 
 
 @OPTIMIZERS.register("simpo", SimPOConfig)
