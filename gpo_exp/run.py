@@ -90,7 +90,7 @@ def train(cfg: Resolved, run_dir: Path, config: dict[str, Any]) -> dict[str, Any
     module = PolicyModule(policy, objective, ref=ref, value_head=value_head)
 
     engine = HFRolloutEngine(policy, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, cfg=cfg.engine,
-                             default_max_new_tokens=benchmark.cfg.max_new_tokens)
+                             default_max_new_tokens=benchmark.cfg.max_new_tokens, progress=cfg.trainer.progress_bar)
     steps = cfg.gpo.steps or benchmark.cfg.steps
     sampler = PolicySampler(engine, tokenizer, benchmark, steps, chat_template=cfg.model.chat_template, seed=cfg.seed)
     estimator = ESTIMATORS.build(asdict(cfg.estimator)) if cfg.gpo.enabled else None

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
 import torch
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from gpo_exp.registry import check
@@ -121,6 +122,7 @@ class HFRolloutEngine:
     cfg: EngineConfig = field(default_factory=EngineConfig)
     default_max_new_tokens: int = 64
     stats: EngineStats = field(default_factory=EngineStats)
+    progress: bool = False  # a progress bar over batches for calls with several of them
 
     def generate(self, prefixes: Sequence[Sequence[int]], sample_ids: Sequence[int], *, seed: int,
                  greedy: bool = False, max_new_tokens: int | None = None) -> list[Generation]:
@@ -147,7 +149,8 @@ class HFRolloutEngine:
         was_training = self.model.training
         self.model.eval()
         try:
-            for b in range(0, len(order), self.cfg.batch_size):
+            starts = range(0, len(order), self.cfg.batch_size)
+            for b in tqdm(starts, desc="generate", unit="batch", leave=False, disable=not self.progress or len(starts) < 4):
                 idx = order[b: b + self.cfg.batch_size]
                 gens = self._generate_batch([todo[i][1] for i in idx], [todo[i][0] for i in idx], limit, greedy)
                 for i, g in zip(idx, gens):
