@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 import hydra
 import pytorch_lightning as pl
 import torch
+import transformers
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
@@ -27,6 +29,10 @@ from gpo_exp.registry import ConfigError
 log = logging.getLogger("gpo_exp")
 
 register_configs()
+# Expected and harmless here: the frozen reference stays in eval mode; an all-equal batch is skipped.
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+warnings.filterwarnings("ignore", message=r".*`training_step` returned `None`.*")
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 
 def apply_fast_dev_run(cfg: Resolved) -> None:
@@ -68,6 +74,7 @@ def train(cfg: Resolved, run_dir: Path, config: dict[str, Any]) -> dict[str, Any
     from gpo_exp.training.warmstart import warm_start
 
     t_start = time.perf_counter()
+    transformers.utils.logging.disable_progress_bar()  # per-file load/save bars would drown the round log
     if (run_dir / "summary.json").exists():
         raise ConfigError(f"run directory {run_dir} already holds a finished run; refusing to overwrite it")
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
