@@ -53,8 +53,8 @@ class ScriptedSampler:
 
 
 def traj(uid: int, n: int, reward: float = 0.0, first_error: int | None = None) -> Trajectory:
-    """A trajectory of n steps of 2 tokens each."""
-    return Trajectory(prompt_ids=[0], completion_ids=list(range(2 * n)), reward=reward,
+    """A trajectory of n steps of 2 tokens each, with a prompt of its own (no siblings)."""
+    return Trajectory(prompt_ids=[1000 + uid], completion_ids=list(range(2 * n)), reward=reward,
                       step_ends=[2 * (i + 1) for i in range(n)], uid=uid, first_error=first_error)
 
 
@@ -256,3 +256,27 @@ def test_yaml_configs_build_registered_estimators():
     assert (built["adaptive"].cfg.k_max, built["adaptive"].cfg.batch) == (8, 1)
     with pytest.raises(ConfigError, match="k_max"):
         ESTIMATORS.config({"name": "adaptive", "k_max": 0})
+
+
+def test_sibling_trajectories_are_free_samples_of_the_prefixes_they_pass_through():
+    """Two failed trajectories and one success share a prompt; the success shares their first step.
+
+    The success is a free draw from prefix 0 and prefix 1 of each failure (not from prefix 2, where it
+    leaves their path), so V_0 > 0 is known before any rollout and the cost counts generated tokens only.
+    """
+    prompt = [7]
+    a = Trajectory(prompt, [1, 1, 2, 2, 3, 3], 0.0, [2, 4, 6], uid=0)
+    b = Trajectory(prompt, [1, 1, 2, 2, 4, 4], 0.0, [2, 4, 6], uid=1)
+    ok = Trajectory(prompt, [1, 1, 5, 5, 5, 5], 1.0, [2, 4, 6], uid=2)
+    sampler = ScriptedSampler({0: [1.0, 1.0, 0.0], 1: [1.0, 1.0, 0.0], 2: [1.0, 1.0, 1.0]})
+    locs = mc(k=2).locate([a, b, ok], sampler, seed=0)
+    free = {i: [c for c in locs[0].samples[i] if not c.drawn] for i in locs[0].samples}
+    assert [(c.ids, c.reward) for c in free[0]] == [([1, 1, 2, 2, 4, 4], 0.0), ([1, 1, 5, 5, 5, 5], 1.0)]
+    assert [(c.ids, c.reward) for c in free[1]] == [([2, 2, 4, 4], 0.0), ([5, 5, 5, 5], 1.0)]
+    assert [(c.ids, c.reward) for c in free[2]] == [([4, 4], 0.0)]  # b's step 2 differs: only b's tail
+    # mc tops every prefix up to K=2 with generated draws (here: one, from prefix 2); costs count only those
+    drawn = [c for cs in locs[0].samples.values() for c in cs if c.drawn]
+    assert len(drawn) == 1 == locs[0].rollouts and locs[0].tokens == len(drawn[0].ids) == L
+    assert locs[0].values == [0.5, 0.5, 0.0, 0.0]  # V_0, V_1 from the free draws; V_3 = the reward
+    off = mc(k=2, reuse_siblings=False).locate([a, b, ok], sampler, seed=0)
+    assert off[0].rollouts == 6 and all(c.drawn for cs in off[0].samples.values() for c in cs)

@@ -19,7 +19,9 @@ from gpo_exp.rollout.estimators import ESTIMATORS, agreement
 from gpo_exp.rollout.sampler import PolicySampler
 from gpo_exp.training.warmstart import WarmStartConfig, warm_start
 
-ARMS = [("mc", {"k": 4}), ("mc", {"k": 8}), ("mc", {"k": 16}), ("bisect", {"k": 4}), ("adaptive", {"k_max": 8}),
+# reuse_siblings=False is the paper's mc; True adds free samples from the prompt's other trajectories.
+ARMS = [("mc", {"k": 4, "reuse_siblings": False}), ("mc", {"k": 8, "reuse_siblings": False}),
+        ("mc", {"k": 16, "reuse_siblings": False}), ("mc", {"k": 4}), ("bisect", {"k": 4}), ("adaptive", {"k_max": 8}),
         ("adaptive", {"k_max": 6, "batch": 2}), ("random", {})]
 
 
@@ -37,19 +39,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
     sampler = PolicySampler(engine, tok, bench, bench.cfg.steps, chat_template=False, seed=args.seed)
     trajs = sampler.trajectories(bench.load("train")[: args.prompts], args.samples)
     failed = [t for t in trajs if t.reward == 0 and t.first_error is not None]
+    failed_set = {id(t) for t in failed}
     print(f"{len(trajs)} trajectories, {len(failed)} failed with a known first wrong step "
           f"(first-error histogram: {_hist([t.first_error for t in failed])})")
 
     # The reference is mc with K=16 on independent samples (another sampling seed), so agreement with
     # it is not inflated by the estimators sharing their first draws with it.
     sampler.seed = args.seed + 10_000
-    reference = [loc.critical for loc in ESTIMATORS.build({"name": "mc", "k": 16}).locate(failed, sampler, args.seed)]
+    ref_est = ESTIMATORS.build({"name": "mc", "k": 16, "reuse_siblings": False})
+    reference = [loc.critical for loc in ref_est.locate(failed, sampler, args.seed)]
     sampler.seed = args.seed
     results = []
     for name, over in ARMS:
         est = ESTIMATORS.build({"name": name, "tie_break": "random", **over})
         tok0, t0 = engine.stats.generated_tokens, time.perf_counter()
-        locs = est.locate(failed, sampler, seed=args.seed)
+        locs = [loc for loc, t in zip(est.locate(trajs, sampler, seed=args.seed), trajs) if id(t) in failed_set]
         secs = time.perf_counter() - t0
         agree = agreement(locs, failed)["agreement"]
         crit = [loc.critical for loc in locs]

@@ -39,6 +39,7 @@ class EstimatorConfig:
     select: str = "abs"  # abs: argmax |A_i| (paper) | signed: argmin A_i (largest drop) | value: argmax_{i<n} V_i (authors' early code: the most promising prefix)
     tie_break: str = "random"  # among equal scores: random (seeded per trajectory) | earliest
     explore: str = "failed"  # failed: only trajectories with reward 0 (authors' code) | all
+    reuse_siblings: bool = True  # count other trajectories of the same prompt that pass through a prefix as free samples of it (beyond the paper)
 
     def __post_init__(self) -> None:
         check(self.k >= 1, "estimator.k", self.k, ">= 1")
@@ -79,6 +80,24 @@ class Draws:
 
     def get(self, traj: Trajectory, step: int) -> list[Continuation]:
         return self.store.get((traj.uid, step), [])
+
+    def seed_siblings(self, trajs: Sequence[Trajectory]) -> None:
+        """Free samples: a sibling trajectory (same prompt) whose tokens start with prefix i of `t` is a
+        draw from prefix i, so its remaining tokens and reward count towards V_i at no generation cost."""
+        by_prompt: dict[tuple[int, ...], list[Trajectory]] = {}
+        for t in trajs:
+            by_prompt.setdefault(tuple(t.prompt_ids), []).append(t)
+        for group in by_prompt.values():
+            for t in group:
+                for s in group:
+                    if s is t:
+                        continue
+                    for i in range(t.n_steps):
+                        cut = t.prefix_len(i)
+                        if len(s.completion_ids) <= cut or s.completion_ids[:cut] != t.completion_ids[:cut]:
+                            break  # prefixes only grow: once s leaves t's path it never rejoins
+                        self.store.setdefault((t.uid, i), []).append(
+                            Continuation(ids=s.completion_ids[cut:], reward=s.reward, drawn=False))
 
     def value(self, traj: Trajectory, step: int) -> float | None:
         """V_step: the trajectory's reward for the full prefix, else the mean drawn reward (None if none)."""
@@ -126,6 +145,8 @@ class Estimator:
         if len(set(uids)) != len(uids):
             raise ValueError(f"trajectory uids must be unique within a round, got duplicates in {sorted(uids)}")
         draws = Draws(sample)
+        if self.cfg.reuse_siblings:
+            draws.seed_siblings(trajs)
         found: dict[int, tuple[int | None, str]] = {}
         plans: dict[int, Plan] = {}
         for idx, traj in enumerate(trajs):
@@ -168,7 +189,7 @@ class Estimator:
         values = [draws.value(traj, i) for i in range(n + 1)]
         advantages = [None if a is None or b is None else b - a for a, b in zip(values[:-1], values[1:])]
         samples = {i: list(draws.get(traj, i)) for i in range(n) if draws.get(traj, i)}
-        conts = [c for cs in samples.values() for c in cs]
+        conts = [c for cs in samples.values() for c in cs if c.drawn]  # cost: generated continuations only
         return Localization(values=values, advantages=advantages, critical=critical, status=status,
                             rollouts=len(conts), tokens=sum(len(c.ids) for c in conts), samples=samples)
 

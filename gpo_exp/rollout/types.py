@@ -16,6 +16,7 @@ class Continuation:
     ids: list[int]  # generated token ids (the eos token included when the model stopped)
     reward: float  # final-answer correctness of prefix + continuation, in [0, 1]
     finished: bool = True  # False when the length limit cut it off (such a continuation scores 0)
+    drawn: bool = True  # False for a sibling trajectory's own continuation, reused at no generation cost
 
 
 @dataclass
