@@ -93,7 +93,7 @@ def train(cfg: Resolved, run_dir: Path, config: dict[str, Any]) -> dict[str, Any
 
     objective = OPTIMIZERS.build(asdict(cfg.optimizer))
     ref = copy.deepcopy(policy) if objective.uses_reference else None
-    value_head = objective.make_value_head(policy) if objective.uses_value_head else None  # type: ignore[attr-defined]
+    value_head = objective.make_value_head(policy) if objective.uses_value_head else None
     module = PolicyModule(policy, objective, ref=ref, value_head=value_head)
 
     engine = HFRolloutEngine(policy, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, cfg=cfg.engine,

@@ -54,6 +54,10 @@ class Objective:
         n = len(group.prompt_ids)
         return n if self.cfg.loss_mask == "completion" else n + len(group.prefix_ids)
 
+    def make_value_head(self, policy: nn.Module) -> nn.Module:
+        """A value head for the policy (only objectives with `uses_value_head`)."""
+        raise NotImplementedError(f"{type(self).__name__} has no value head")
+
     def make_examples(self, groups: Sequence[Group], limit: int, rng: random.Random,
                       pairs_per_group: int = 1) -> list[dict[str, Any]]:
         raise NotImplementedError
