@@ -15,15 +15,6 @@ from gpo_exp.rollout.engine import (EngineConfig, HFRolloutEngine, choose_tokens
 LIMIT = 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A 32-wide model gains nothing from intra-op threads; one thread avoids contention on small CPUs."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def setup():
     bench = get("arith", sizes={"train": 0, "val": 20, "test": 0})

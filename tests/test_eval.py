@@ -27,15 +27,6 @@ def arith_rows(seed: int = 0) -> list[dict]:
     return BENCHMARKS.build({**cfg, "seed": seed}).load("test")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one thread is ~10x faster than two on a CPU shared with other jobs."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random 1-layer GPT-2 with a char tokenizer over arith texts, saved like a run's checkpoint/."""

@@ -9,14 +9,12 @@ from __future__ import annotations
 import copy
 import csv
 import json
-import math
 import os
 import re
 import subprocess
 import sys
 import time
 from dataclasses import asdict
-from pathlib import Path
 
 import pytest
 import yaml
