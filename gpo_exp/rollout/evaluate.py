@@ -31,10 +31,11 @@ def evaluate(sampler: PolicySampler, rows: Sequence[dict[str, Any]], samples: in
             scores, passes, majs = [], 0, 0
             for i, row in enumerate(rows):
                 group = gens[i * samples:(i + 1) * samples]
-                rs = [sampler.reward(g.ids, row, g.finished) for g in group]
+                texts = [sampler.tokenizer.decode(g.ids, skip_special_tokens=True) for g in group]
+                # decode once: score the same texts that are voted on (cut-off completions score 0)
+                rs = [float(sampler.benchmark.score(t, row)) if g.finished else 0.0 for t, g in zip(texts, group)]
                 scores += rs
                 passes += max(rs) > 0
-                texts = [sampler.tokenizer.decode(g.ids, skip_special_tokens=True) for g in group]
                 vote = Counter(_final_answer(t) for t in texts).most_common(1)[0][0]
                 majs += max((r for t, r in zip(texts, rs) if _final_answer(t) == vote), default=0.0) > 0
             out.update({"sampled_accuracy": sum(scores) / len(scores), f"pass@{samples}": passes / len(rows),

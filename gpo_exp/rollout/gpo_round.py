@@ -54,6 +54,14 @@ class RoundData:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
+def _hist(steps: Sequence[int]) -> list[int]:
+    """Counts of step positions 0..HIST_BINS-1 (later steps go to the last bin)."""
+    out = [0] * HIST_BINS
+    for s in steps:
+        out[min(s, HIST_BINS - 1)] += 1
+    return out
+
+
 def prompt_groups(trajs: Sequence[Trajectory]) -> list[Group]:
     """Baseline arm: one group per prompt holding its whole trajectories."""
     by_prompt: dict[tuple[int, ...], list[Trajectory]] = defaultdict(list)
@@ -116,10 +124,10 @@ def collect_round(rows: Sequence[dict[str, Any]], sampler: PolicySampler, estima
         "gpo/undetermined": counts.get("undetermined", 0),
         "gpo/trivial": counts.get("trivial", 0),
         "gpo/critical_step_hist": critical_step_hist(explored, HIST_BINS),
-        "gpo/first_error_hist": critical_step_hist(
-            [Localization([], [], t.first_error, "located") for t in trajs if t.first_error is not None], HIST_BINS),
+        "gpo/first_error_hist": _hist([t.first_error for t in trajs if t.first_error is not None]),
         "gpo/critical_agrees_first_error": agree["agreement"],
         "gpo/agreement_n": agree["n"],
+        "gpo/agreement_hits": agree["hits"],
         "gpo/rollouts_per_trajectory": sum(loc.rollouts for loc in explored) / max(1, len(explored)),
         "gpo/rollout_tokens_per_trajectory": sum(loc.tokens for loc in explored) / max(1, len(explored)),
         "gpo/estimation_tokens": sum(loc.tokens for loc in explored),

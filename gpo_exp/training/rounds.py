@@ -143,7 +143,7 @@ class GPORoundCallback(pl.Callback):
         if data.localizations is not None:
             hist = s["gpo/critical_step_hist"]
             h.hist = [a + b for a, b in zip(h.hist, hist)] if h.hist else list(hist)
-            h.agree_hits += round(s["gpo/critical_agrees_first_error"] * s["gpo/agreement_n"]) if s["gpo/agreement_n"] else 0
+            h.agree_hits += s["gpo/agreement_hits"]
             h.agree_n += s["gpo/agreement_n"]
             h.undetermined += s["gpo/undetermined"]
             h.explored += s["gpo/explored"]
