@@ -339,3 +339,21 @@ def test_bad_config_one_line(cfg, key):
         OPTIMIZERS.config(cfg)
     msg = str(e.value)
     assert f"optimizer.{key}" in msg and "\n" not in msg
+
+
+def test_score_sequences_matches_per_sequence_logps_and_scores_duplicates_once(models):
+    from gpo_exp.training.batching import score_sequences
+
+    _, ref = models
+    seqs = [enc("1+2=a\n3\n"), enc("9+1=b10"), enc("1+2=a\n3\n"), enc("2+2=4"), enc("1+2=a\n3\n")]
+    starts = [4, 4, 4, 4, 2]  # the last repeats a sequence with another start: a different score
+    calls = []
+    hook = ref.register_forward_hook(lambda m, i, o: calls.append(1))
+    try:
+        got = score_sequences(ref, seqs, starts, PAD, batch_size=2)
+    finally:
+        hook.remove()
+    want = [sequence_logps(ref, pad_sequences([s], [st], PAD))[0].item() for s, st in zip(seqs, starts)]
+    assert got == pytest.approx(want, abs=1e-5)
+    assert got[0] == got[2] and got[4] != got[0]
+    assert len(calls) == 2  # 4 distinct (sequence, start) keys in batches of 2

@@ -22,6 +22,10 @@ class ModelConfig:
     n_embd: int = 128  # tiny only: hidden size
     n_head: int = 4  # tiny only: attention heads
     max_len: int = 160  # tiny only: context length in tokens
+    lora_r: int = 0  # LoRA rank (peft); 0 = full fine-tuning. With LoRA the reference is the base with adapters off
+    lora_alpha: float = 16.0  # LoRA scaling numerator (update scale alpha / r)
+    lora_dropout: float = 0.0  # dropout on the LoRA branch
+    lora_target_modules: list[str] | None = None  # module names to adapt; null: peft's default for the architecture
 
     def __post_init__(self) -> None:
         check(self.source in SOURCES, "model.source", self.source, f"one of {', '.join(SOURCES)}")
@@ -29,6 +33,8 @@ class ModelConfig:
         check(self.arch in ("gpt2", "llama"), "model.arch", self.arch, "gpt2 or llama")
         check(self.n_layer >= 1 and self.n_embd >= 8 and self.n_head >= 1, "model.n_layer/n_embd/n_head",
               (self.n_layer, self.n_embd, self.n_head), "positive sizes")
+        check(self.lora_r >= 0, "model.lora_r", self.lora_r, ">= 0 (0 = full fine-tuning)")
+        check(0 <= self.lora_dropout < 1, "model.lora_dropout", self.lora_dropout, "in [0, 1)")
         if self.source in ("hub", "gguf"):
             check(bool(self.path) or bool(self.package), "model.path", self.path, "set for source=hub/gguf")
         if self.source == "gguf":

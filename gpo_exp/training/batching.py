@@ -35,3 +35,31 @@ def sequence_logps(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> tu
     """Summed log-prob of each sequence's masked tokens, and the number of those tokens."""
     logps = token_logps(model, batch["input_ids"], batch["attention_mask"]) * batch["loss_mask"]
     return logps.sum(-1), batch["loss_mask"].sum(-1)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where a model runs: HF models and the LoRA reference say so; otherwise its first parameter's device."""
+    device = getattr(model, "device", None)
+    return device if isinstance(device, torch.device) else next(model.parameters()).device
+
+
+@torch.inference_mode()
+def score_sequences(model: torch.nn.Module, seqs: Sequence[Sequence[int]], starts: Sequence[int], pad_id: int,
+                    batch_size: int = 32) -> list[float]:
+    """Summed log-prob of each sequence's tokens from `starts[i]` on, for a frozen model (no gradient).
+
+    Built for the one-off reference pass over a round's data: identical (sequence, start) pairs are
+    scored once (a chosen continuation shared by several pairs, say), and sequences are sorted by
+    length before batching, so little compute goes to padding. `batch_size` should be what a training
+    step already fits in memory.
+    """
+    keys = [(tuple(s), st) for s, st in zip(seqs, starts)]
+    uniq = sorted(set(keys), key=lambda k: len(k[0]))
+    device = model_device(model)
+    scores: dict[tuple[tuple[int, ...], int], float] = {}
+    for i in range(0, len(uniq), batch_size):
+        chunk = uniq[i: i + batch_size]
+        batch = pad_sequences([k[0] for k in chunk], [k[1] for k in chunk], pad_id)
+        logps, _ = sequence_logps(model, {k: v.to(device) for k, v in batch.items()})
+        scores.update(zip(chunk, logps.tolist()))
+    return [scores[k] for k in keys]

@@ -42,7 +42,7 @@ class PolicyModule(pl.LightningModule):
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        params = list(self.policy.parameters())
+        params = [p for p in self.policy.parameters() if p.requires_grad]  # LoRA: the adapters only
         if self.value_head is not None:
             params += list(self.value_head.parameters())
         return torch.optim.AdamW(params, lr=self.objective.cfg.lr, weight_decay=self.objective.cfg.weight_decay)

@@ -55,6 +55,14 @@ def cache_key(*parts: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def warm_start_key(model_cfg: Any, benchmark_cfg: Any, cfg: WarmStartConfig) -> str:
+    """Cache key of a warm start: only settings that change the trained weights enter it."""
+    bench = {k: v for k, v in asdict(benchmark_cfg).items() if k not in ("steps", "max_new_tokens", "max_rows")}
+    # LoRA is applied after the warm start, so its settings do not change the warm-started weights.
+    model = {k: v for k, v in asdict(model_cfg).items() if not k.startswith("lora_")}
+    return cache_key(model, bench, {k: v for k, v in asdict(cfg).items() if k not in ("cache_dir", "force", "enabled")})
+
+
 def cached_dir(cfg: WarmStartConfig, key: str) -> Path:
     return Path(cfg.cache_dir).expanduser() / key
 
@@ -129,10 +137,7 @@ def warm_start(model_cfg: Any, benchmark: Any, cfg: WarmStartConfig,
     rows = benchmark.load("train")
     if cfg.max_rows is not None:
         rows = rows[: cfg.max_rows]
-    # Only settings that change the trained weights enter the key (not generation or step settings).
-    bench = {k: v for k, v in asdict(benchmark.cfg).items() if k not in ("steps", "max_new_tokens", "max_rows")}
-    key = cache_key(asdict(model_cfg), bench, {k: v for k, v in asdict(cfg).items()
-                                               if k not in ("cache_dir", "force", "enabled")})
+    key = warm_start_key(model_cfg, benchmark.cfg, cfg)
     info: dict[str, Any] = {"key": key, "source": "none", "seconds": 0.0}
     if not cfg.enabled or cfg.steps == 0:
         model, tok = build_base(model_cfg, [benchmark.prompt(r) + r.get("solution", "") for r in rows])

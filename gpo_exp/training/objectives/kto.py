@@ -23,7 +23,7 @@ from torch import nn
 
 from gpo_exp import losses
 from gpo_exp.registry import check
-from gpo_exp.training.batching import pad_sequences, sequence_logps
+from gpo_exp.training.batching import pad_sequences, score_sequences, sequence_logps
 from gpo_exp.training.objectives.base import OPTIMIZERS, Group, Objective, OptimizerConfig, preference_pairs
 
 
@@ -88,14 +88,10 @@ class KTO(Objective):
                    pad_id: int) -> None:
         if ref is None or not self.cfg.precompute_ref:
             return
-        device = next(ref.parameters()).device
-        bs = self.cfg.batch_size
-        for i in range(0, len(examples), bs):
-            chunk = examples[i: i + bs]
-            batch = pad_sequences([e["ids"] for e in chunk], [e["start"] for e in chunk], pad_id)
-            logps, _ = sequence_logps(ref, {k: v.to(device) for k, v in batch.items()})
-            for e, lp in zip(chunk, logps.tolist()):
-                e["ref_logps"] = lp
+        scores = score_sequences(ref, [e["ids"] for e in examples], [e["start"] for e in examples], pad_id,
+                                 batch_size=self.cfg.batch_size)
+        for e, lp in zip(examples, scores):
+            e["ref_logps"] = lp
 
     def _kl_logps(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Summed log-probs of the mismatched KL sequences, without gradient."""

@@ -15,7 +15,7 @@ from torch import nn
 
 from gpo_exp import losses
 from gpo_exp.registry import check
-from gpo_exp.training.batching import pad_sequences, sequence_logps
+from gpo_exp.training.batching import pad_sequences, score_sequences, sequence_logps
 from gpo_exp.training.objectives.base import (OPTIMIZERS, Group, Objective, OptimizerConfig,
                                               preference_pairs)
 
@@ -96,13 +96,11 @@ class PairObjective(Objective):
                    pad_id: int) -> None:
         if ref is None or not self.uses_reference or not self.cfg.precompute_ref:
             return
-        bs = max(1, self.cfg.batch_size)
-        for i in range(0, len(examples), bs):
-            chunk = examples[i: i + bs]
-            batch = {k: v.to(next(ref.parameters()).device) for k, v in self.collate(chunk, pad_id).items()}
-            logps, _ = sequence_logps(ref, batch)
-            for j, e in enumerate(chunk):
-                e["ref_logps"] = (logps[j].item(), logps[j + len(chunk)].item())
+        n = len(examples)
+        scores = score_sequences(ref, [e["chosen"] for e in examples] + [e["rejected"] for e in examples],
+                                 [e["start"] for e in examples] * 2, pad_id, batch_size=2 * self.cfg.batch_size)
+        for e, c, r in zip(examples, scores[:n], scores[n:]):
+            e["ref_logps"] = (c, r)
 
     def reference_logps(self, batch: dict[str, torch.Tensor], ref: nn.Module | None) -> torch.Tensor:
         if "ref_logps" in batch:

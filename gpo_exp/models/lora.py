@@ -1,0 +1,61 @@
+"""LoRA adapters (peft) on the policy, and the reference that comes free with them.
+
+With LoRA the frozen base *is* the reference policy: running the model with its adapters switched
+off gives pi_ref exactly, so no second copy of the weights is kept (TRL does the same with a
+`PeftModel` and `ref_model=None`).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+
+def apply_lora(model: PreTrainedModel, r: int, alpha: float, dropout: float,
+               target_modules: list[str] | None) -> PreTrainedModel:
+    """Wrap `model` in a peft LoRA model: only the rank-`r` adapters train, the base weights are frozen."""
+    import peft  # optional dependency: only LoRA runs need it
+
+    cfg = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, task_type="CAUSAL_LM",
+                          target_modules=list(target_modules) if target_modules else None,
+                          fan_in_fan_out=model.config.model_type == "gpt2")  # GPT-2 stores Conv1D weights transposed
+    return peft.get_peft_model(model, cfg)
+
+
+def is_lora(model: nn.Module) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+class AdapterOffReference(nn.Module):
+    """The reference policy of a LoRA model: the same module with its adapters disabled, in eval mode.
+
+    The policy is held outside the module tree on purpose, so `requires_grad_(False)` / `eval()`
+    on the reference (which the training module applies to any reference) leave the policy's
+    adapters trainable and the policy is not registered, or saved, twice.
+    """
+
+    def __init__(self, policy: nn.Module) -> None:
+        super().__init__()
+        if not is_lora(policy):
+            raise TypeError(f"AdapterOffReference needs a peft LoRA model, got {type(policy).__name__}")
+        self._policy = (policy,)  # a tuple is not registered as a submodule
+
+    @property
+    def policy(self) -> nn.Module:
+        return self._policy[0]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.policy.parameters()).device
+
+    def forward(self, **kwargs: Any) -> Any:
+        policy = self.policy
+        was_training = policy.training
+        policy.eval()  # the reference never sees dropout
+        try:
+            with torch.no_grad(), policy.disable_adapter():
+                return policy(**kwargs)
+        finally:
+            policy.train(was_training)
