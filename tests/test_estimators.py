@@ -220,7 +220,8 @@ def test_adaptive_beats_mc_at_fewer_tokens_with_noisy_values():
     assert abs(res["mc"][0] - expected) < 4 * math.sqrt(expected * (1 - expected) / m), (res["mc"], expected)
     assert res["mc"][1] == m * mc_tokens(n, 4)
     assert res["adaptive"][0] >= 0.85 and res["adaptive"][0] > res["mc"][0], res
-    assert res["adaptive"][1] <= res["mc"][1] / 2, res  # dead probes sit after the error: short continuations
+    # k_max=16 draws on each dead probe; they sit after the error (short continuations): ~0.70x mc's tokens
+    assert res["adaptive"][1] <= 0.75 * res["mc"][1], res
     # bisect misjudges a live probe when all K=4 fail (0.4^4 = 2.6% per probe, ~4.6 probes): ~0.89
     assert res["bisect"][0] >= 0.8 and res["bisect"][1] < res["mc"][1], res
     assert (res["mc"][2], res["bisect"][2]) == (1, 1 + math.ceil(math.log2(n)))
@@ -253,7 +254,7 @@ def test_yaml_configs_build_registered_estimators():
     assert {k: type(v) for k, v in built.items()} == {
         "adaptive": AdaptiveEstimator, "bisect": BisectEstimator, "mc": MCEstimator, "random": RandomEstimator}
     assert (built["mc"].cfg.k, built["mc"].cfg.select, built["mc"].cfg.explore) == (4, "abs", "failed")
-    assert (built["adaptive"].cfg.k_max, built["adaptive"].cfg.batch) == (8, 1)
+    assert (built["adaptive"].cfg.k_max, built["adaptive"].cfg.batch) == (16, 2)
     with pytest.raises(ConfigError, match="k_max"):
         ESTIMATORS.config({"name": "adaptive", "k_max": 0})
 

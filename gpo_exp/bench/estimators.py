@@ -1,6 +1,6 @@
 """How well and how cheaply each estimator finds the critical step, against ground truth.
 
-    python -m gpo_exp.bench.estimators [--prompts 200] [--seed 0]
+    python -m gpo_exp.bench.estimators [--prompts 200] [--seed 0] [--arms mc:k=4:reuse_siblings=false,adaptive:k_max=16]
 
 On arith the step checker knows each failed trajectory's first wrong step. For the same failed
 trajectories of the warm-started policy, every estimator (mc at several K, bisect, adaptive, random)
@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import time
 
+import torch
+
 from gpo_exp.benchmarks import get
 from gpo_exp.models.config import ModelConfig
 from gpo_exp.rollout.engine import EngineConfig, HFRolloutEngine
@@ -21,8 +23,8 @@ from gpo_exp.training.warmstart import WarmStartConfig, warm_start
 
 # reuse_siblings=False is the paper's mc; True adds free samples from the prompt's other trajectories.
 ARMS = [("mc", {"k": 4, "reuse_siblings": False}), ("mc", {"k": 8, "reuse_siblings": False}),
-        ("mc", {"k": 16, "reuse_siblings": False}), ("mc", {"k": 4}), ("bisect", {"k": 4}), ("adaptive", {"k_max": 8}),
-        ("adaptive", {"k_max": 6, "batch": 2}), ("random", {})]
+        ("mc", {"k": 16, "reuse_siblings": False}), ("mc", {"k": 4}), ("bisect", {"k": 4}), ("adaptive", {"k_max": 8, "batch": 1}),
+        ("adaptive", {"k_max": 16, "batch": 2}), ("adaptive", {"k_max": 32, "batch": 4}), ("random", {})]
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -30,7 +32,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--prompts", type=int, default=200, help="training prompts to sample trajectories from")
     ap.add_argument("--samples", type=int, default=4, help="trajectories per prompt")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--arms", default=None,
+                    help="comma list of NAME[:key=value...] estimator arms (default: the standard table)")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for the tiny model)")
     args = ap.parse_args(argv)
+    arms = parse_arms(args.arms) if args.arms else ARMS
+    torch.set_num_threads(args.threads)
 
     bench = get("arith")
     model, tok, _ = warm_start(ModelConfig(), bench, WarmStartConfig())
@@ -50,7 +57,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     reference = [loc.critical for loc in ref_est.locate(failed, sampler, args.seed)]
     sampler.seed = args.seed
     results = []
-    for name, over in ARMS:
+    for name, over in arms:
         est = ESTIMATORS.build({"name": name, "tie_break": "random", **over})
         tok0, t0 = engine.stats.generated_tokens, time.perf_counter()
         locs = [loc for loc, t in zip(est.locate(trajs, sampler, seed=args.seed), trajs) if id(t) in failed_set]
@@ -62,6 +69,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "agree_first_error": agree,
             "agree_mc16": sum(a == b for a, b in zip(crit, reference)) / len(crit),
             "undetermined": sum(loc.status == "undetermined" for loc in locs) / len(locs),
+            # the ceiling a value-based estimator works under: agreement where the values carried information
+            "agree_determined": _mean([loc.critical == t.first_error for loc, t in zip(locs, failed)
+                                       if loc.status != "undetermined"]),
+            # determined misses: after the first wrong step (the value had not collapsed yet) or before it
+            "late": _mean([loc.status != "undetermined" and loc.critical > t.first_error for loc, t in zip(locs, failed)]),
+            "early": _mean([loc.status != "undetermined" and loc.critical < t.first_error for loc, t in zip(locs, failed)]),
             "rollouts_per_traj": sum(loc.rollouts for loc in locs) / len(locs),
             "tokens_per_traj": sum(loc.tokens for loc in locs) / len(locs),
             "generated_tokens": engine.stats.generated_tokens - tok0,
@@ -69,6 +82,27 @@ def main(argv: list[str] | None = None) -> list[dict]:
         })
     _print(results)
     return results
+
+
+def parse_arms(spec: str) -> list[tuple[str, dict]]:
+    """'mc:k=4:reuse_siblings=false,random' -> [("mc", {"k": 4, "reuse_siblings": False}), ("random", {})]."""
+    import yaml
+
+    out = []
+    for arm in spec.split(","):
+        name, *kvs = arm.split(":")
+        over = {}
+        for kv in kvs:
+            key, sep, val = kv.partition("=")
+            if not sep:
+                raise SystemExit(f"--arms: {kv!r} in {arm!r} is not key=value")
+            over[key] = yaml.safe_load(val)
+        out.append((name, over))
+    return out
+
+
+def _mean(xs: list[bool]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
 
 
 def _hist(xs: list[int]) -> dict[int, int]:

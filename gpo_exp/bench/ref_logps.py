@@ -61,7 +61,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     ap.add_argument("--n-layer", type=int, default=ModelConfig.n_layer, help="tiny model depth")
     ap.add_argument("--n-embd", type=int, default=ModelConfig.n_embd, help="tiny model width")
     ap.add_argument("--lora", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = ap.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
 
     bench = get("arith")
     model_cfg = ModelConfig(n_layer=args.n_layer, n_embd=args.n_embd, n_head=max(1, args.n_embd // 32))

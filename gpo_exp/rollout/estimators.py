@@ -53,8 +53,8 @@ class AdaptiveConfig(EstimatorConfig):
     """Sequential probes: one success settles V > 0, k_max failures settle V ~ 0."""
 
     name: str = "adaptive"
-    k_max: int = 8  # most draws per probe; a prefix with success rate p is misjudged as dead w.p. (1-p)^k_max
-    batch: int = 1  # draws per open probe per wave (raise for fewer, larger generate calls)
+    k_max: int = 16  # most draws per probe; a prefix with success rate p is misjudged as dead w.p. (1-p)^k_max
+    batch: int = 2  # draws per open probe per wave (raise for fewer, larger generate calls)
 
     def __post_init__(self) -> None:
         super().__post_init__()
