@@ -281,3 +281,31 @@ def test_sibling_trajectories_are_free_samples_of_the_prefixes_they_pass_through
     assert locs[0].values == [0.5, 0.5, 0.0, 0.0]  # V_0, V_1 from the free draws; V_3 = the reward
     off = mc(k=2, reuse_siblings=False).locate([a, b, ok], sampler, seed=0)
     assert off[0].rollouts == 6 and all(c.drawn for cs in off[0].samples.values() for c in cs)
+
+
+def test_calibrated_probe_cap_follows_the_prompts_success_rate():
+    est = adaptive(k_max=16, risk=0.05)
+    root = [Continuation([0], 1.0)] + [Continuation([0], 0.0)] * 3  # 1 of 4: c = 2/6, (2/3)^8 < 0.05 < (2/3)^7
+    assert est._probe_cap(root) == 8
+    assert est._probe_cap([Continuation([0], 1.0)] * 4) == 2  # c = 5/6: two failures already make dead likely
+    assert est._probe_cap([Continuation([0], 1.0)] + [Continuation([0], 0.0)] * 40) == 16  # capped at k_max
+    assert adaptive(k_max=16)._probe_cap(root) == 16  # risk unset: always k_max
+
+
+def test_k_root_spends_more_on_the_prompt_before_giving_up():
+    # success rate 0.1 until the error at step 3: k_max=4 at the prompt usually sees no success
+    n, m = 5, 200
+    p = {u: [0.1 if i <= 3 else 0.0 for i in range(n)] for u in range(m)}
+    trajs = [traj(u, n, first_error=3) for u in range(m)]
+    small = agreement(adaptive(k_max=4, batch=1).locate(trajs, ScriptedSampler(p), seed=0), trajs)
+    rooted = agreement(adaptive(k_max=64, k_root=32, risk=0.05, batch=4).locate(trajs, ScriptedSampler(p), seed=0),
+                       trajs)
+    # P(no success in 4) = 0.66, in 32 = 0.034: undetermined falls from ~132 to ~7 of 200
+    assert small["undetermined"] > 110 and rooted["undetermined"] < 20, (small, rooted)
+    assert rooted["agreement"] > small["agreement"] + 0.3, (small, rooted)
+
+
+@pytest.mark.parametrize("bad", [{"k_root": 0}, {"risk": 0.0}, {"risk": 1.0}])
+def test_adaptive_calibration_bad_values(bad):
+    with pytest.raises(ConfigError, match=next(iter(bad))):
+        AdaptiveConfig(**bad)

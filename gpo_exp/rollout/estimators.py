@@ -16,6 +16,8 @@ never samples a prefix twice: draws are cached per (uid, step) and extended with
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Any, Callable, Generator, Sequence
 
@@ -55,11 +57,15 @@ class AdaptiveConfig(EstimatorConfig):
     name: str = "adaptive"
     k_max: int = 16  # most draws per probe; a prefix with success rate p is misjudged as dead w.p. (1-p)^k_max
     batch: int = 2  # draws per open probe per wave (raise for fewer, larger generate calls)
+    k_root: int | None = None  # most draws at the prompt before calling the trajectory undetermined (null: k_max)
+    risk: float | None = None  # calibrated probes: draw until P(dead verdict | V = c) <= risk, c = the prompt's smoothed success rate (null: always k_max)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check(self.k_max >= 1, "estimator.k_max", self.k_max, ">= 1")
         check(self.batch >= 1, "estimator.batch", self.batch, ">= 1")
+        check(self.k_root is None or self.k_root >= 1, "estimator.k_root", self.k_root, ">= 1 or null")
+        check(self.risk is None or 0 < self.risk < 1, "estimator.risk", self.risk, "in (0, 1) or null")
 
 
 ESTIMATORS: Registry["Estimator"] = Registry("estimator")
@@ -304,15 +310,29 @@ class AdaptiveEstimator(Estimator):
             return (yield from self._mc_plan(traj, draws, rng))
 
         def probe(step: int) -> Generator[list[Request], None, bool]:
+            cap = (self.cfg.k_root or self.cfg.k_max) if step == 0 else self._probe_cap(draws.get(traj, 0))
             while True:
                 got = draws.get(traj, step)
                 if any(c.reward > 0 for c in got):
                     return True
-                if len(got) >= self.cfg.k_max:
+                if len(got) >= cap:
                     return False
-                yield [(step, min(self.cfg.batch, self.cfg.k_max - len(got)))]
+                yield [(step, min(self.cfg.batch, cap - len(got)))]
 
         return (yield from self._bisect(traj, probe, rng))
+
+    def _probe_cap(self, root: Sequence[Continuation]) -> int:
+        """Draws a later probe may take before its prefix is called dead.
+
+        Fixed k_max, or with `risk` set: enough draws that a prefix as good as the prompt (smoothed
+        success rate c = (s + 1) / (n + 2) of the prompt's draws) is misjudged dead with probability
+        (1 - c)^k <= risk. Easy steps before the first error keep V near the prompt's value, so the
+        prompt calibrates the probes: few draws for prompts the policy usually solves, more for hard ones.
+        """
+        if self.cfg.risk is None:
+            return self.cfg.k_max
+        c = (sum(x.reward > 0 for x in root) + 1) / (len(root) + 2)
+        return max(1, min(self.cfg.k_max, math.ceil(math.log(self.cfg.risk) / math.log(1 - c))))
 
 
 # --- diagnostics ----------------------------------------------------------------------------------
