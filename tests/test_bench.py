@@ -32,3 +32,8 @@ def test_ref_logps_bench_reports_both_ratios():
     out = ref_logps.main(["--pairs", "16", "--batch", "8"])
     assert out["step_ratio"] > 0 and out["total_ratio"] > 0
     assert out["steps/precomputed"] > 0 and out["steps/recomputed"] > 0
+
+
+def test_offline_pairs_set_needs_key_value():
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        offline_pairs.main(["--set", "beta", "--prompts", "1", "--test-rows", "1"])

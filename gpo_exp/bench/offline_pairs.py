@@ -1,7 +1,7 @@
 """Does a base optimizer improve the warm start at all? One offline pass, no GPO loop.
 
     python -m gpo_exp.bench.offline_pairs [--objectives dpo,ipo,kto,orpo,sft] [--lrs 1e-5,1e-4]
-                                          [--steps 40] [--batch 32] [--prompts 512] [--lora 0]
+                                          [--steps 40] [--batch 32] [--prompts 512] [--lora 0] [--n-embd 128] [--set beta=1.0]
 
 Samples 4 trajectories for each of `--prompts` training prompts with the warm-started policy,
 builds whole-trajectory examples (the baseline arm's data) once, then for every (objective, lr)
@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import random
 import time
 from typing import Any
 
 import torch
+import yaml
 
 from gpo_exp.benchmarks import get
 from gpo_exp.models.config import ModelConfig
@@ -44,7 +46,7 @@ def _accuracy(model, tok, bench, rows) -> tuple[float, float]:
 
 
 def _train(name: str, base, tok, bench, groups: list[Group], gt: list[tuple[list[int], list[int]]], lr: float,
-           steps: int, batch: int, lora: int, seed: int) -> Any:
+           steps: int, batch: int, lora: int, seed: int, overrides: dict[str, Any]) -> Any:
     policy = copy.deepcopy(base)
     if lora:
         policy = apply_lora(policy, lora, 2.0 * lora, 0.0, None)
@@ -54,7 +56,9 @@ def _train(name: str, base, tok, bench, groups: list[Group], gt: list[tuple[list
     rng = random.Random(seed)
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     if name != "sft":
-        obj = OPTIMIZERS.build({"name": name, "batch_size": batch})  # its lr is unused: AdamW is built here
+        fields = {f.name for f in dataclasses.fields(OPTIMIZERS.config({"name": name}))}
+        extra = {k: v for k, v in overrides.items() if k in fields}
+        obj = OPTIMIZERS.build({"name": name, "batch_size": batch, **extra})  # its lr is unused: AdamW is built here
         examples = obj.make_examples(groups, 10**9, random.Random(seed), 2)
         obj.precompute(examples, policy, ref, tok.pad_token_id)
     for _ in range(steps):
@@ -83,13 +87,23 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--prompts", type=int, default=512, help="training prompts sampled 4 times each")
     ap.add_argument("--test-rows", type=int, default=300, help="test rows evaluated")
     ap.add_argument("--lora", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
+    ap.add_argument("--n-embd", type=int, default=ModelConfig.n_embd, help="tiny model width (its warm start is trained if not cached)")
+    ap.add_argument("--n-head", type=int, default=ModelConfig.n_head, help="tiny model attention heads")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="optimizer config override for every objective that has the field, e.g. --set beta=1.0")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for the tiny model)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
+    overrides = {}
+    for kv in args.set:
+        key, sep, val = kv.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {kv!r}: expected KEY=VALUE")
+        overrides[key] = yaml.safe_load(val)
     bench = get("arith")
-    base, tok, _ = warm_start(ModelConfig(), bench, WarmStartConfig())
+    base, tok, _ = warm_start(ModelConfig(n_embd=args.n_embd, n_head=args.n_head), bench, WarmStartConfig())
     test = bench.load("test")[: args.test_rows]
     train_rows = bench.load("train")
     before = _accuracy(base, tok, bench, test)
@@ -106,7 +120,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     for name in args.objectives.split(","):
         for lr in (float(x) for x in args.lrs.split(",")):
             t0 = time.perf_counter()
-            trained = _train(name, base, tok, bench, groups, gt, lr, args.steps, args.batch, args.lora, args.seed)
+            trained = _train(name, base, tok, bench, groups, gt, lr, args.steps, args.batch, args.lora, args.seed,
+                             overrides)
             greedy, sampled = _accuracy(trained, tok, bench, test)
             rows.append({"objective": name, "lr": lr, "greedy": greedy, "sampled": sampled,
                          "greedy_before": before[0], "sampled_before": before[1]})
