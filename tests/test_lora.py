@@ -88,13 +88,14 @@ def test_negative_lora_rank_is_a_config_error():
         ModelConfig(lora_r=-1)
 
 
-def test_lora_run_trains_adapters_and_saves_merged_weights(compose, tmp_path):
+@pytest.mark.parametrize("optimizer", ["dpo", "ipo", "kto", "simpo", "orpo", "ppo", "grpo"])
+def test_lora_run_trains_adapters_and_saves_merged_weights(compose, tmp_path, optimizer):
     dcfg = compose(["trainer.fast_dev_run=true", "logger.wandb=false", "trainer.progress_bar=false",
-                    "model.lora_r=4", "optimizer.lr=1e-2"])
+                    f"optimizer={optimizer}", "model.lora_r=4", "optimizer.lr=1e-2"])
     cfg = validate(dcfg)
     apply_fast_dev_run(cfg)
     summary = train(cfg, tmp_path, OmegaConf.to_container(dcfg, resolve=True))
-    assert summary["warm_start/source"] in ("shipped", "cache") and summary["gpo/pairs"] > 0
+    assert summary["warm_start/source"] in ("shipped", "cache") and summary["gpo/examples"] > 0
     from dataclasses import asdict
 
     from transformers import AutoModelForCausalLM

@@ -23,7 +23,7 @@ from torch import nn
 
 from gpo_exp import losses
 from gpo_exp.registry import check
-from gpo_exp.training.batching import pad_sequences, token_logps
+from gpo_exp.training.batching import model_device, pad_sequences, token_logps
 from gpo_exp.training.objectives.base import OPTIMIZERS, Group, Objective, OptimizerConfig
 
 # Per-token fields stored over the trained span and scattered into (B, T) by `collate`.
@@ -198,7 +198,7 @@ class RolloutObjective(Objective):
     def token_pass(self, examples: list[dict[str, Any]], model: nn.Module, pad_id: int, key: str,
                    value_head: nn.Module | None = None) -> None:
         """Store `model`'s per-token log-probs (and values under `old_values`) on the examples as `key`."""
-        device = next(model.parameters()).device
+        device = model_device(model)
         bs = self.cfg.batch_size
         with eval_mode(model):
             for i in range(0, len(examples), bs):
