@@ -20,6 +20,7 @@ def test_offline_pairs_at_lr_zero_leaves_accuracy_unchanged():
                                "--prompts", "8", "--test-rows", "12"])
     assert [r["objective"] for r in rows] == ["dpo", "sft"]
     assert all((r["greedy"], r["sampled"]) == (r["greedy_before"], r["sampled_before"]) for r in rows)
+    assert all(r["dlogp_correct"] == 0 and r["dlogp_incorrect"] == 0 for r in rows)
 
 
 def test_offline_pairs_sft_at_a_real_lr_moves_the_policy():

@@ -6,7 +6,8 @@
 Samples 4 trajectories for each of `--prompts` training prompts with the warm-started policy,
 builds whole-trajectory examples (the baseline arm's data) once, then for every (objective, lr)
 trains a fresh copy of the warm start for `--steps` steps of `--batch` examples and prints greedy
-and sampled test accuracy before and after. `sft` is a control: supervised steps on the benchmark's
+and sampled test accuracy before and after, and how the log-probability of the sampled correct and
+incorrect trajectories moved (mean over trajectories, summed over completion tokens). `sft` is a control: supervised steps on the benchmark's
 ground-truth solutions at the same lr and batch, i.e. what a signal known to be useful does.
 """
 from __future__ import annotations
@@ -29,7 +30,7 @@ from gpo_exp.rollout.engine import EngineConfig, HFRolloutEngine
 from gpo_exp.rollout.evaluate import evaluate
 from gpo_exp.rollout.sampler import PolicySampler
 from gpo_exp.rollout.types import Continuation, Group
-from gpo_exp.training.batching import pad_sequences, sequence_logps
+from gpo_exp.training.batching import pad_sequences, score_sequences, sequence_logps
 from gpo_exp.training.objectives import OPTIMIZERS
 from gpo_exp.training.warmstart import WarmStartConfig, warm_start
 
@@ -116,17 +117,29 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     print(f"warm start: greedy {before[0]:.3f}, sampled {before[1]:.3f} on {len(test)} test rows; "
           f"{len(trajs)} trajectories, train accuracy {sum(t.reward for t in trajs) / len(trajs):.3f}", flush=True)
     rows = []
-    print("| objective | lr | greedy after | sampled after | seconds |\n|---|---:|---:|---:|---:|", flush=True)
+    # log-prob shift of the sampled training trajectories themselves (summed over completion tokens):
+    # with likelihood displacement both correct and incorrect ones fall, the mass going elsewhere
+    seqs = [t.prompt_ids + list(t.completion_ids) for t in trajs]
+    starts = [len(t.prompt_ids) for t in trajs]
+    base_logps = score_sequences(base, seqs, starts, tok.pad_token_id)
+    n_ok = sum(t.reward > 0 for t in trajs)
+    print("| objective | lr | greedy after | sampled after | Δ log p correct | Δ log p incorrect | seconds |\n"
+          "|---|---:|---:|---:|---:|---:|---:|", flush=True)
     for name in args.objectives.split(","):
         for lr in (float(x) for x in args.lrs.split(",")):
             t0 = time.perf_counter()
             trained = _train(name, base, tok, bench, groups, gt, lr, args.steps, args.batch, args.lora, args.seed,
                              overrides)
             greedy, sampled = _accuracy(trained, tok, bench, test)
+            shift = [a - b for a, b in zip(score_sequences(trained.eval(), seqs, starts, tok.pad_token_id), base_logps)]
+            d_ok = sum(d for d, t in zip(shift, trajs) if t.reward > 0) / max(1, n_ok)
+            d_bad = sum(d for d, t in zip(shift, trajs) if t.reward <= 0) / max(1, len(trajs) - n_ok)
             rows.append({"objective": name, "lr": lr, "greedy": greedy, "sampled": sampled,
-                         "greedy_before": before[0], "sampled_before": before[1]})
+                         "greedy_before": before[0], "sampled_before": before[1],
+                         "dlogp_correct": d_ok, "dlogp_incorrect": d_bad})
             print(f"| {name} | {lr:g} | {greedy:.3f} ({greedy - before[0]:+.3f}) | {sampled:.3f} "
-                  f"({sampled - before[1]:+.3f}) | {time.perf_counter() - t0:.0f} |", flush=True)
+                  f"({sampled - before[1]:+.3f}) | {d_ok:+.2f} | {d_bad:+.2f} | {time.perf_counter() - t0:.0f} |",
+                  flush=True)
     return rows
 
 
