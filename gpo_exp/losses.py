@@ -91,6 +91,7 @@ def dpo_loss(
     beta: float = 0.1,
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
+    dpop_lambda: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """DPO and its pairwise variants. Returns (losses (B,), chosen_rewards, rejected_rewards).
 
@@ -105,6 +106,10 @@ def dpo_loss(
       robust:  [-(1-eps) log sigma(beta h) + eps log sigma(-beta h)] / (1 - 2 eps)  -- the de-biased
                loss of "Provably Robust DPO: Aligning Language Models with Noisy Feedback"
                (Chowdhury et al. 2024); eps is the assumed label-flip rate, in [0, 0.5).
+    dpop_lambda > 0 (any loss_type) replaces h by h - lambda * max(0, ref_c - pi_c): DPO-Positive,
+    "Smaug: Fixing Failure Modes of Preference Optimisation with DPO-Positive" (Pal et al. 2024),
+    Eq. 3. It penalises the chosen completion's likelihood falling below the reference's, which
+    plain DPO allows when chosen and rejected differ in few tokens (e.g. one wrong digit).
 
     Matches TRL v1.9 `DPOTrainer._compute_loss` (f_divergence_type="reverse_kl", one loss type, no
     WPO weighting); TRL applies label_smoothing only to robust, so any other loss_type with a nonzero
@@ -114,6 +119,7 @@ def dpo_loss(
     """
     check(loss_type in DPO_LOSS_TYPES, "loss_type", loss_type, f"one of {', '.join(DPO_LOSS_TYPES)}")
     check(beta > 0, "beta", beta, "> 0")
+    check(dpop_lambda >= 0, "dpop_lambda", dpop_lambda, ">= 0")
     if loss_type == "robust":
         check(0.0 <= label_smoothing < 0.5, "label_smoothing", label_smoothing, "in [0, 0.5) for robust")
     else:
@@ -122,6 +128,8 @@ def dpo_loss(
     chosen_logratios = policy_chosen_logps - ref_chosen_logps.detach()
     rejected_logratios = policy_rejected_logps - ref_rejected_logps.detach()
     margin = chosen_logratios - rejected_logratios
+    if dpop_lambda > 0:
+        margin = margin - dpop_lambda * torch.relu(-chosen_logratios)
 
     if loss_type == "sigmoid":
         losses = -F.logsigmoid(beta * margin)

@@ -74,6 +74,22 @@ def test_dpo_sigmoid_golden_and_rewards():
     close(rejected_r, [beta * (pr - rr) for pr, rr in zip(PR, RR)])  # [-0.05, 0.02]
 
 
+def test_dpop_penalises_only_a_chosen_likelihood_below_the_reference():
+    # pair 0: pi_c - ref_c = +1.0 -> no penalty, h = 1.5; pair 1: pi_c - ref_c = -0.5 -> h = -0.7 - 50 * 0.5
+    losses, chosen_r, _ = dpo_loss(*dpo_inputs(), beta=0.1, dpop_lambda=50.0)
+    close(losses, [math.log1p(math.exp(-0.15)), math.log1p(math.exp(2.57))], tol=1e-6)
+    close(chosen_r, [0.1, -0.05])  # logged rewards stay the plain DPO ones
+    close(dpo_loss(*dpo_inputs(), beta=0.1, dpop_lambda=0.0)[0], dpo_loss(*dpo_inputs(), beta=0.1)[0].tolist())
+    pc, pr, rc, rr = dpo_inputs(grad=True)
+    dpo_loss(pc, pr, rc, rr, beta=0.1, dpop_lambda=50.0)[0].sum().backward()
+    g_dpop = pc.grad.clone()
+    pc, pr, rc, rr = dpo_inputs(grad=True)
+    dpo_loss(pc, pr, rc, rr, beta=0.1)[0].sum().backward()
+    assert g_dpop[0] == pc.grad[0] and g_dpop[1] < 5 * pc.grad[1] < 0  # pair 1 pulls chosen up much harder
+    with pytest.raises(ConfigError, match="dpop_lambda"):
+        dpo_loss(*dpo_inputs(), dpop_lambda=-1.0)
+
+
 def test_dpo_hinge_golden():
     close(dpo_loss(*dpo_inputs(), beta=0.1, loss_type="hinge")[0], [0.85, 1.07])
     close(dpo_loss(*dpo_inputs(), beta=1.0, loss_type="hinge")[0], [0.0, 1.7])  # 1 - 1.5 < 0 -> 0

@@ -27,11 +27,13 @@ class DPOConfig(OptimizerConfig):
     loss_type: str = "sigmoid"  # sigmoid (DPO) | ipo | hinge | robust
     label_smoothing: float = 0.0  # robust only: assumed fraction of flipped labels, in [0, 0.5)
     rpo_alpha: float = 0.0  # weight of the chosen completion's per-token NLL added to the loss (RPO, Pang et al. 2024; TRL rpo_alpha); 0 = plain DPO
+    dpop_lambda: float = 0.0  # DPO-Positive (Pal et al. 2024): penalty on the chosen log-ratio falling below 0, inside the margin (paper: 50); 0 = plain DPO
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check(self.beta > 0, "optimizer.beta", self.beta, "> 0")
         check(self.rpo_alpha >= 0, "optimizer.rpo_alpha", self.rpo_alpha, ">= 0")
+        check(self.dpop_lambda >= 0, "optimizer.dpop_lambda", self.dpop_lambda, ">= 0")
         check(self.loss_type in losses.DPO_LOSS_TYPES, "optimizer.loss_type", self.loss_type,
               f"one of {', '.join(losses.DPO_LOSS_TYPES)}")
 
@@ -142,7 +144,8 @@ class DPO(PairObjective):
         pol = losses.dpo_logps_for(self.cfg.loss_type, logps, lengths)
         rl = losses.dpo_logps_for(self.cfg.loss_type, ref_logps, lengths)
         per_ex, cr, rr = losses.dpo_loss(pol[:B], pol[B:], rl[:B], rl[B:], beta=self.cfg.beta,
-                                         loss_type=self.cfg.loss_type, label_smoothing=self.cfg.label_smoothing)
+                                         loss_type=self.cfg.loss_type, label_smoothing=self.cfg.label_smoothing,
+                                         dpop_lambda=self.cfg.dpop_lambda)
         kl = (logps - ref_logps).mean().item()  # mean sequence log-ratio policy/reference on the batch
         extra = {"kl": kl}
         if self.cfg.rpo_alpha > 0:  # RPO: keep the chosen (correct) reasoning likely while separating the pair
