@@ -152,6 +152,9 @@ def print_table(summary: dict[str, Any], run_dir: Path) -> None:
         agree = summary.get("gpo/critical_agrees_first_error")
         rows.append(("critical == first wrong step", "n/a" if agree is None else
                      f"{agree:.2f} of {summary['gpo/agreement_n']} failed trajectories"))
+        if summary.get("gpo/critical_agrees_reference") is not None:
+            rows.append(("critical == mc reference", f"{summary['gpo/critical_agrees_reference']:.2f} of "
+                                                     f"{summary['gpo/reference_n']} explored trajectories"))
     rows += [("time (warm start/rollout/train/eval/total)",
               "/".join(f"{summary[k]:.0f}" for k in ("time/warmstart_s", "time/rollout_s", "time/train_s",
                                                      "time/eval_s", "time/total_s")) + " s"),

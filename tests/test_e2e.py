@@ -82,3 +82,24 @@ def test_the_default_config_has_a_shipped_warm_start(compose):
     cfg.warm_start.cache_dir = "/nonexistent-cache-dir"  # skip the user cache: only the shipped copy may answer
     _, _, info = warm_start(cfg.model, BENCHMARKS.build(asdict(cfg.benchmark)), cfg.warm_start)
     assert info["source"] == "shipped" and (SHIPPED / info["key"] / "done").exists()
+
+
+def test_reference_agreement_is_logged_without_touching_the_run(compose, tmp_path):
+    _, plain = _run(compose, tmp_path / "plain", ["estimator=adaptive"])
+    _, with_ref = _run(compose, tmp_path / "ref", ["estimator=adaptive", "gpo.reference_k=4"])
+    assert "gpo/critical_agrees_reference" not in plain
+    assert 0.0 <= with_ref["gpo/critical_agrees_reference"] <= 1.0
+    assert 0 < with_ref["gpo/reference_n"] <= with_ref["gpo/explored"]
+    # the diagnostic draws its own samples: the training rollouts, pairs and result are unchanged
+    for key in ("rollout/generated_tokens", "gpo/pairs", "gpo/critical_step_hist", "eval/accuracy_after"):
+        assert with_ref[key] == plain[key], key
+    rounds = [json.loads(l) for l in (tmp_path / "ref" / "rounds.jsonl").read_text().splitlines()]
+    assert rounds[-1]["gpo/reference_tokens"] > 0
+
+
+def test_negative_reference_k_is_a_config_error():
+    from gpo_exp.registry import ConfigError
+    from gpo_exp.rollout.gpo_round import GPOConfig
+
+    with pytest.raises(ConfigError, match="gpo.reference_k"):
+        GPOConfig(reference_k=-1)

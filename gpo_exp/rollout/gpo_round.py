@@ -38,12 +38,14 @@ class GPOConfig:
     examples_per_round: int = 64  # cap on training examples (pairs, or rollout groups) per round, both arms
     max_generated_tokens: int | None = None  # stop training once cumulative generated tokens reach this
     steps: StepsConfig | None = None  # step segmentation; null: the benchmark's default
+    reference_k: int = 0  # diagnostics: also locate with mc at this K on independent samples and log gpo/critical_agrees_reference (0: off; its tokens are logged apart, never counted as training rollouts)
 
     def __post_init__(self) -> None:
         for key in ("prompts_per_round", "samples_per_prompt", "reset_samples", "pairs_per_group", "examples_per_round"):
             check(getattr(self, key) >= 1, f"gpo.{key}", getattr(self, key), ">= 1")
         check(self.max_generated_tokens is None or self.max_generated_tokens > 0, "gpo.max_generated_tokens",
               self.max_generated_tokens, "> 0 or null")
+        check(self.reference_k >= 0, "gpo.reference_k", self.reference_k, ">= 0 (0: off)")
 
 
 @dataclass
@@ -136,4 +138,31 @@ def collect_round(rows: Sequence[dict[str, Any]], sampler: PolicySampler, estima
     })
     stats["time/rollout_s"] = time.perf_counter() - t0
     stats["rollout/round_generated_tokens"] = engine.stats.generated_tokens - tok0
+    if cfg.reference_k:
+        stats.update(reference_agreement(trajs, locs, sampler, cfg.reference_k, estimator.cfg.explore, seed))
     return RoundData(trajs, locs, groups, stats)
+
+
+def reference_agreement(trajs: Sequence[Trajectory], locs: Sequence[Localization], sampler: PolicySampler,
+                        k: int, explore: str, seed: int) -> dict[str, Any]:
+    """How often the estimator's critical step equals that of the paper's mc at K=k (random tie-breaks).
+
+    The reference draws its own samples (another sampling seed) so it shares no draws with the
+    estimator; it runs on the trajectories the estimator explored (trivial ones excluded).
+    """
+    from gpo_exp.rollout.estimators import ESTIMATORS
+
+    picked = [(t, loc) for t, loc in zip(trajs, locs) if loc.status not in ("skipped", "trivial")]
+    if not picked:
+        return {"gpo/reference_hits": 0, "gpo/reference_n": 0, "gpo/reference_tokens": 0}
+    ref = ESTIMATORS.build({"name": "mc", "k": k, "reuse_siblings": False, "tie_break": "random", "explore": explore})
+    tok0, old_seed = sampler.engine.stats.generated_tokens, sampler.seed
+    sampler.seed = old_seed + 10_000  # independent draws
+    try:
+        ref_locs = ref.locate([t for t, _ in picked], sampler, seed + 10_000)
+    finally:
+        sampler.seed = old_seed
+    hits = sum(loc.critical == r.critical for (_, loc), r in zip(picked, ref_locs))
+    return {"gpo/reference_hits": hits, "gpo/reference_n": len(picked),
+            "gpo/critical_agrees_reference": hits / len(picked),
+            "gpo/reference_tokens": sampler.engine.stats.generated_tokens - tok0}

@@ -41,6 +41,8 @@ class RoundHistory:
     hist: list[int] = field(default_factory=list)  # critical-step histogram over all rounds
     agree_hits: int = 0
     agree_n: int = 0
+    reference_hits: int = 0  # critical step == mc at gpo.reference_k (when that diagnostic is on)
+    reference_n: int = 0
     undetermined: int = 0
     explored: int = 0
     estimation_rollouts: float = 0.0
@@ -145,6 +147,8 @@ class GPORoundCallback(pl.Callback):
             h.hist = [a + b for a, b in zip(h.hist, hist)] if h.hist else list(hist)
             h.agree_hits += s["gpo/agreement_hits"]
             h.agree_n += s["gpo/agreement_n"]
+            h.reference_hits += s.get("gpo/reference_hits", 0)
+            h.reference_n += s.get("gpo/reference_n", 0)
             h.undetermined += s["gpo/undetermined"]
             h.explored += s["gpo/explored"]
             h.estimation_rollouts += s["gpo/rollouts_per_trajectory"] * s["gpo/explored"]
@@ -210,4 +214,7 @@ class GPORoundCallback(pl.Callback):
                 "gpo/rollouts_per_trajectory": h.estimation_rollouts / h.explored if h.explored else 0.0,
                 "gpo/rollout_tokens_per_trajectory": h.estimation_tokens / h.explored if h.explored else 0.0,
             })
+            if self.gpo.reference_k:
+                out["gpo/critical_agrees_reference"] = h.reference_hits / h.reference_n if h.reference_n else None
+                out["gpo/reference_n"] = h.reference_n
         return out
