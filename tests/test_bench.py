@@ -38,3 +38,8 @@ def test_ref_logps_bench_reports_both_ratios():
 def test_offline_pairs_set_needs_key_value():
     with pytest.raises(SystemExit, match="KEY=VALUE"):
         offline_pairs.main(["--set", "beta", "--prompts", "1", "--test-rows", "1"])
+
+
+def test_offline_pairs_rejects_ppo_with_the_allowed_list():
+    with pytest.raises(SystemExit, match="ppo is not supported offline.*allowed: dpo"):
+        offline_pairs.main(["--objectives", "dpo,ppo"])

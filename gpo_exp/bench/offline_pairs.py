@@ -97,6 +97,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
+    if "ppo" in args.objectives.split(","):
+        raise SystemExit("--objectives: ppo is not supported offline (it needs on-policy rollouts for its value "
+                         "head and GAE); allowed: dpo, ipo, kto, simpo, orpo, grpo, sft")
     overrides = {}
     for kv in args.set:
         key, sep, val = kv.partition("=")
