@@ -64,7 +64,7 @@ def make_loggers(cfg: Resolved, run_dir: Path, config: dict[str, Any]) -> list[A
 def train(cfg: Resolved, run_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
     """The whole experiment; returns the summary (also written to run_dir/summary.json)."""
     from gpo_exp.benchmarks import BENCHMARKS
-    from gpo_exp.models.lora import AdapterOffReference, apply_lora, is_lora
+    from gpo_exp.models.lora import is_lora, policy_and_reference
     from gpo_exp.rollout.engine import HFRolloutEngine
     from gpo_exp.rollout.estimators import ESTIMATORS
     from gpo_exp.rollout.sampler import PolicySampler
@@ -93,16 +93,12 @@ def train(cfg: Resolved, run_dir: Path, config: dict[str, Any]) -> dict[str, Any
     log.info("warm start: %s (%.1fs)", ws["source"], ws_s)
 
     objective = OPTIMIZERS.build(asdict(cfg.optimizer))
-    ref = None
-    if cfg.model.lora_r > 0:  # adapters train, the base stays frozen and doubles as the reference
-        policy = apply_lora(policy, cfg.model.lora_r, cfg.model.lora_alpha, cfg.model.lora_dropout,
-                            cfg.model.lora_target_modules)
-        ref = AdapterOffReference(policy) if objective.uses_reference else None
+    policy, ref = policy_and_reference(policy, cfg.model.lora_r, cfg.model.lora_alpha, cfg.model.lora_dropout,
+                                       cfg.model.lora_target_modules, reference=objective.uses_reference)
+    if cfg.model.lora_r > 0:
         log.info("LoRA r=%d: %d trainable of %d parameters", cfg.model.lora_r,
                  sum(p.numel() for p in policy.parameters() if p.requires_grad),
                  sum(p.numel() for p in policy.parameters()))
-    elif objective.uses_reference:
-        ref = copy.deepcopy(policy)
     value_head = objective.make_value_head(policy) if objective.uses_value_head else None
     module = PolicyModule(policy, objective, ref=ref, value_head=value_head)
 

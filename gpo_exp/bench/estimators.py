@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from gpo_exp.bench import parse_key_value
 from gpo_exp.benchmarks import get
 from gpo_exp.models.config import ModelConfig
 from gpo_exp.rollout.engine import EngineConfig, HFRolloutEngine
@@ -86,18 +87,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 def parse_arms(spec: str) -> list[tuple[str, dict]]:
     """'mc:k=4:reuse_siblings=false,random' -> [("mc", {"k": 4, "reuse_siblings": False}), ("random", {})]."""
-    import yaml
-
     out = []
     for arm in spec.split(","):
         name, *kvs = arm.split(":")
-        over = {}
-        for kv in kvs:
-            key, sep, val = kv.partition("=")
-            if not sep:
-                raise SystemExit(f"--arms: {kv!r} in {arm!r} is not key=value")
-            over[key] = yaml.safe_load(val)
-        out.append((name, over))
+        out.append((name, dict(parse_key_value(kv, f"--arms {arm!r}") for kv in kvs)))
     return out
 
 

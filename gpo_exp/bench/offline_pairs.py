@@ -7,8 +7,9 @@ Samples 4 trajectories for each of `--prompts` training prompts with the warm-st
 builds whole-trajectory examples (the baseline arm's data) once, then for every (objective, lr)
 trains a fresh copy of the warm start for `--steps` steps of `--batch` examples and prints greedy
 and sampled test accuracy before and after, and how the log-probability of the sampled correct and
-incorrect trajectories moved (mean over trajectories, summed over completion tokens). `sft` is a control: supervised steps on the benchmark's
-ground-truth solutions at the same lr and batch, i.e. what a signal known to be useful does.
+incorrect trajectories moved (mean over trajectories, summed over completion tokens). `sft` is a
+control: supervised steps on the benchmark's ground-truth solutions at the same lr and batch, i.e.
+what a signal known to be useful does.
 """
 from __future__ import annotations
 
@@ -20,11 +21,11 @@ import time
 from typing import Any
 
 import torch
-import yaml
 
+from gpo_exp.bench import parse_key_value
 from gpo_exp.benchmarks import get
 from gpo_exp.models.config import ModelConfig
-from gpo_exp.models.lora import AdapterOffReference, apply_lora
+from gpo_exp.models.lora import policy_and_reference
 from gpo_exp.models.prompting import encode_prompt
 from gpo_exp.rollout.engine import EngineConfig, HFRolloutEngine
 from gpo_exp.rollout.evaluate import evaluate
@@ -48,12 +49,7 @@ def _accuracy(model, tok, bench, rows) -> tuple[float, float]:
 
 def _train(name: str, base, tok, bench, groups: list[Group], gt: list[tuple[list[int], list[int]]], lr: float,
            steps: int, batch: int, lora: int, seed: int, overrides: dict[str, Any]) -> Any:
-    policy = copy.deepcopy(base)
-    if lora:
-        policy = apply_lora(policy, lora, 2.0 * lora, 0.0, None)
-        ref = AdapterOffReference(policy)
-    else:
-        ref = copy.deepcopy(base).eval().requires_grad_(False)
+    policy, ref = policy_and_reference(copy.deepcopy(base), lora, 2.0 * lora)
     rng = random.Random(seed)
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     if name != "sft":
@@ -100,12 +96,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if "ppo" in args.objectives.split(","):
         raise SystemExit("--objectives: ppo is not supported offline (it needs on-policy rollouts for its value "
                          "head and GAE); allowed: dpo, ipo, kto, simpo, orpo, grpo, sft")
-    overrides = {}
-    for kv in args.set:
-        key, sep, val = kv.partition("=")
-        if not sep:
-            raise SystemExit(f"--set {kv!r}: expected KEY=VALUE")
-        overrides[key] = yaml.safe_load(val)
+    overrides = dict(parse_key_value(kv, "--set") for kv in args.set)
     bench = get("arith")
     base, tok, _ = warm_start(ModelConfig(n_embd=args.n_embd, n_head=args.n_head), bench, WarmStartConfig())
     test = bench.load("test")[: args.test_rows]

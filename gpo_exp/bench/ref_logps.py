@@ -20,7 +20,7 @@ import torch
 
 from gpo_exp.benchmarks import get
 from gpo_exp.models.config import ModelConfig
-from gpo_exp.models.lora import AdapterOffReference, apply_lora
+from gpo_exp.models.lora import policy_and_reference
 from gpo_exp.rollout.types import Continuation, Group
 from gpo_exp.training.objectives import OPTIMIZERS
 from gpo_exp.training.warmstart import WarmStartConfig, warm_start
@@ -69,17 +69,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     bench = get("arith")
     model_cfg = ModelConfig(n_layer=args.n_layer, n_embd=args.n_embd, n_head=max(1, args.n_embd // 32))
     default = (args.n_layer, args.n_embd) == (ModelConfig.n_layer, ModelConfig.n_embd)
-    base, tok, _ = warm_start(model_cfg, bench,
-                              WarmStartConfig(enabled=default))
+    base, tok, _ = warm_start(model_cfg, bench, WarmStartConfig(enabled=default))
     groups = _groups(tok, bench.load("train")[: args.pairs])
     steps, total = {}, {}
     for precompute in (True, False, True, False):  # alternate, keep the second measurement of each
-        policy = copy.deepcopy(base)
-        if args.lora:
-            policy = apply_lora(policy, args.lora, 2.0 * args.lora, 0.0, None)
-            ref = AdapterOffReference(policy)
-        else:
-            ref = copy.deepcopy(base).eval().requires_grad_(False)
+        policy, ref = policy_and_reference(copy.deepcopy(base), args.lora, 2.0 * args.lora)
         obj = OPTIMIZERS.build({"name": "dpo", "precompute_ref": precompute, "batch_size": args.batch})
         examples = obj.make_examples(groups, args.pairs, random.Random(0))
         t_pre, t_steps = _train(obj, policy, ref, examples, tok.pad_token_id, args.batch, args.epochs)

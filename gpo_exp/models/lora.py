@@ -1,4 +1,4 @@
-"""LoRA adapters (peft) on the policy, and the reference that comes free with them.
+"""LoRA adapters (peft) on the policy, and the frozen reference that goes with a policy.
 
 With LoRA the frozen base *is* the reference policy: running the model with its adapters switched
 off gives pi_ref exactly, so no second copy of the weights is kept (TRL does the same with a
@@ -7,6 +7,8 @@ off gives pi_ref exactly, so no second copy of the weights is kept (TRL does the
 from __future__ import annotations
 
 from typing import Any
+
+import copy
 
 import torch
 from torch import nn
@@ -59,3 +61,17 @@ class AdapterOffReference(nn.Module):
                 return policy(**kwargs)
         finally:
             policy.train(was_training)
+
+
+def policy_and_reference(model: PreTrainedModel, lora_r: int = 0, lora_alpha: float = 16.0,
+                         lora_dropout: float = 0.0, lora_target_modules: list[str] | None = None,
+                         reference: bool = True) -> tuple[PreTrainedModel, nn.Module | None]:
+    """(policy to train, frozen reference or None); `model` becomes the policy.
+
+    lora_r > 0: the policy is `model` with LoRA adapters and the reference its adapters-off view;
+    otherwise the reference is a frozen copy of `model` taken now.
+    """
+    if lora_r > 0:
+        policy = apply_lora(model, lora_r, lora_alpha, lora_dropout, lora_target_modules)
+        return policy, AdapterOffReference(policy) if reference else None
+    return model, copy.deepcopy(model).eval().requires_grad_(False) if reference else None

@@ -17,7 +17,6 @@ never samples a prefix twice: draws are cached per (uid, step) and extended with
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 from typing import Any, Callable, Generator, Sequence
 

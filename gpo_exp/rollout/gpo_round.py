@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 from gpo_exp.benchmarks.base import StepsConfig
 from gpo_exp.registry import check
-from gpo_exp.rollout.estimators import Estimator, agreement, critical_step_hist, status_counts
+from gpo_exp.rollout.estimators import ESTIMATORS, Estimator, agreement, critical_step_hist, status_counts
 from gpo_exp.rollout.sampler import PolicySampler
 from gpo_exp.rollout.types import Continuation, Group, Job, Localization, Trajectory
 
@@ -150,8 +150,6 @@ def reference_agreement(trajs: Sequence[Trajectory], locs: Sequence[Localization
     The reference draws its own samples (another sampling seed) so it shares no draws with the
     estimator; it runs on the trajectories the estimator explored (trivial ones excluded).
     """
-    from gpo_exp.rollout.estimators import ESTIMATORS
-
     picked = [(t, loc) for t, loc in zip(trajs, locs) if loc.status not in ("skipped", "trivial")]
     if not picked:
         return {"gpo/reference_hits": 0, "gpo/reference_n": 0, "gpo/reference_tokens": 0}
