@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import pytest
+from transformers import AutoModelForCausalLM
 
 from gpo_exp.bench import offline_pairs, ref_logps
 from gpo_exp.bench.estimators import parse_arms
+from gpo_exp.training.warmstart import SHIPPED
 
 
 def test_parse_arms_reads_names_and_typed_overrides():
@@ -33,6 +35,15 @@ def test_ref_logps_bench_reports_both_ratios():
     out = ref_logps.main(["--pairs", "16", "--batch", "8"])
     assert out["step_ratio"] > 0 and out["total_ratio"] > 0
     assert out["steps/precomputed"] > 0 and out["steps/recomputed"] > 0
+
+
+def test_ref_logps_bench_takes_an_hf_model_shape():
+    """--hf-config builds a random model of a saved HF model's shape (here the shipped warm start's)."""
+    shipped = next(p for p in SHIPPED.iterdir() if (p / "config.json").exists())
+    out = ref_logps.main(["--hf-config", str(shipped), "--pairs", "8", "--batch", "4", "--repeats", "1",
+                          "--threads", "1"])
+    expected = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(shipped).parameters())
+    assert out["params"] == expected and out["steps/precomputed"] > 0 and out["steps/recomputed"] > 0
 
 
 def test_offline_pairs_set_needs_key_value():

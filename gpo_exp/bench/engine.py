@@ -134,6 +134,7 @@ def main(argv: Sequence[str] | None = None) -> list[Result]:
     ap.add_argument("--batch-size", type=int, default=128, help="engine batch size")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="default: the benchmark's budget")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch intra-op threads (a 128-wide model gains nothing from more; 0: torch default)")
     args = ap.parse_args(argv)
@@ -142,11 +143,14 @@ def main(argv: Sequence[str] | None = None) -> list[Result]:
 
     bench = get("arith")
     model, tok, cfg = load_policy(args.model, args.untrained, bench, args.seed)
+    model = model.to(args.device)  # every method reads the token ids back each step, so timings need no sync
     limit = args.max_new_tokens or bench.cfg.max_new_tokens
     prefixes = make_prefixes(HFRolloutEngine(model, tok.eos_token_id, tok.pad_token_id, default_max_new_tokens=limit),
                              tok, bench, cfg, args.requests, args.seed)
+    where = (torch.cuda.get_device_name(model.device) if model.device.type == "cuda"
+             else f"CPU, {torch.get_num_threads()} threads")
     print(f"{len(prefixes)} prefixes x K={args.k}, prefix length {min(map(len, prefixes))}-"
-          f"{max(map(len, prefixes))} tokens, max_new_tokens={limit}, torch threads={torch.get_num_threads()}")
+          f"{max(map(len, prefixes))} tokens, max_new_tokens={limit}, {where}")
     methods: list[Callable[[list[list[int]]], Result]] = [
         lambda ps: run_engine(model, tok, ps, args.k, limit, args.batch_size, args.seed),
         lambda ps: run_hf(model, tok, ps, args.k, limit, args.k, args.seed),

@@ -86,6 +86,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--lora", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
     ap.add_argument("--n-embd", type=int, default=ModelConfig.n_embd, help="tiny model width (its warm start is trained if not cached)")
     ap.add_argument("--n-head", type=int, default=ModelConfig.n_head, help="tiny model attention heads")
+    ap.add_argument("--warm-steps", type=int, default=WarmStartConfig.steps,
+                    help="SFT steps of the warm start (fewer: a weaker start with more room to improve)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="optimizer config override for every objective that has the field, e.g. --set beta=1.0")
     ap.add_argument("--seed", type=int, default=0)
@@ -98,7 +100,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                          "head and GAE); allowed: dpo, ipo, kto, simpo, orpo, grpo, sft")
     overrides = dict(parse_key_value(kv, "--set") for kv in args.set)
     bench = get("arith")
-    base, tok, _ = warm_start(ModelConfig(n_embd=args.n_embd, n_head=args.n_head), bench, WarmStartConfig())
+    base, tok, _ = warm_start(ModelConfig(n_embd=args.n_embd, n_head=args.n_head), bench, WarmStartConfig(steps=args.warm_steps))
     test = bench.load("test")[: args.test_rows]
     train_rows = bench.load("train")
     before = _accuracy(base, tok, bench, test)

@@ -50,8 +50,8 @@ def score_sequences(model: torch.nn.Module, seqs: Sequence[Sequence[int]], start
 
     Built for the one-off reference pass over a round's data: identical (sequence, start) pairs are
     scored once (a chosen continuation shared by several pairs, say), and sequences are sorted by
-    length before batching, so little compute goes to padding. `batch_size` should be what a training
-    step already fits in memory.
+    length before batching, so little compute goes to padding. Without gradients a forward keeps no
+    activations, so callers pass twice the sequences of a training step: fewer, fuller batches.
     """
     keys = [(tuple(s), st) for s, st in zip(seqs, starts)]
     uniq = sorted(set(keys), key=lambda k: len(k[0]))

@@ -45,4 +45,10 @@ class PolicyModule(pl.LightningModule):
         params = [p for p in self.policy.parameters() if p.requires_grad]  # LoRA: the adapters only
         if self.value_head is not None:
             params += list(self.value_head.parameters())
-        return torch.optim.AdamW(params, lr=self.objective.cfg.lr, weight_decay=self.objective.cfg.weight_decay)
+        return adamw(params, self.objective.cfg.lr, self.objective.cfg.weight_decay)
+
+
+def adamw(params: list[nn.Parameter], lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
+    """The run's optimizer. Not `fused=True`: Lightning refuses gradient clipping for a fused optimizer
+    under mixed precision (seen on an H200 with trainer.precision=bf16-mixed)."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)

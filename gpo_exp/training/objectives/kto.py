@@ -89,7 +89,7 @@ class KTO(Objective):
         if ref is None or not self.cfg.precompute_ref:
             return
         scores = score_sequences(ref, [e["ids"] for e in examples], [e["start"] for e in examples], pad_id,
-                                 batch_size=self.cfg.batch_size)
+                                 batch_size=2 * self.cfg.batch_size)
         for e, lp in zip(examples, scores):
             e["ref_logps"] = lp
 

@@ -100,7 +100,7 @@ class PairObjective(Objective):
             return
         n = len(examples)
         scores = score_sequences(ref, [e["chosen"] for e in examples] + [e["rejected"] for e in examples],
-                                 [e["start"] for e in examples] * 2, pad_id, batch_size=2 * self.cfg.batch_size)
+                                 [e["start"] for e in examples] * 2, pad_id, batch_size=4 * self.cfg.batch_size)
         for e, c, r in zip(examples, scores[:n], scores[n:]):
             e["ref_logps"] = (c, r)
 
