@@ -1,10 +1,12 @@
 """Benchmark scripts: argument parsing and a fast pass of each harness with values checked."""
 from __future__ import annotations
 
+import math
+
 import pytest
 from transformers import AutoModelForCausalLM
 
-from gpo_exp.bench import offline_pairs, ref_logps
+from gpo_exp.bench import estimators, offline_pairs, ref_logps
 from gpo_exp.bench.estimators import parse_arms
 from gpo_exp.training.warmstart import SHIPPED
 
@@ -54,3 +56,8 @@ def test_offline_pairs_set_needs_key_value():
 def test_offline_pairs_rejects_ppo_with_the_allowed_list():
     with pytest.raises(SystemExit, match="ppo is not supported offline.*allowed: dpo"):
         offline_pairs.main(["--objectives", "dpo,ppo"])
+
+
+def test_estimators_bench_without_reference_reports_nan_agreement():
+    rows = estimators.main(["--prompts", "6", "--samples", "2", "--reference-k", "0", "--arms", "random"])
+    assert math.isnan(rows[0]["agree_mc16"]) and rows[0]["tokens_per_traj"] == 0  # random spends no rollouts
