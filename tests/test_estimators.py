@@ -254,7 +254,8 @@ def test_yaml_configs_build_registered_estimators():
     assert {k: type(v) for k, v in built.items()} == {
         "adaptive": AdaptiveEstimator, "bisect": BisectEstimator, "mc": MCEstimator, "random": RandomEstimator}
     assert (built["mc"].cfg.k, built["mc"].cfg.select, built["mc"].cfg.explore) == (4, "abs", "failed")
-    assert (built["adaptive"].cfg.k_max, built["adaptive"].cfg.batch) == (16, 2)
+    assert (built["adaptive"].cfg.k_max, built["adaptive"].cfg.batch, built["adaptive"].cfg.k_root,
+            built["adaptive"].cfg.risk) == (32, 2, 24, 0.05)
     with pytest.raises(ConfigError, match="k_max"):
         ESTIMATORS.config({"name": "adaptive", "k_max": 0})
 
@@ -289,7 +290,7 @@ def test_calibrated_probe_cap_follows_the_prompts_success_rate():
     assert est._probe_cap(root) == 8
     assert est._probe_cap([Continuation([0], 1.0)] * 4) == 2  # c = 5/6: two failures already make dead likely
     assert est._probe_cap([Continuation([0], 1.0)] + [Continuation([0], 0.0)] * 40) == 16  # capped at k_max
-    assert adaptive(k_max=16)._probe_cap(root) == 16  # risk unset: always k_max
+    assert adaptive(k_max=16, risk=None)._probe_cap(root) == 16  # risk unset: always k_max
 
 
 def test_k_root_spends_more_on_the_prompt_before_giving_up():
@@ -297,7 +298,7 @@ def test_k_root_spends_more_on_the_prompt_before_giving_up():
     n, m = 5, 200
     p = {u: [0.1 if i <= 3 else 0.0 for i in range(n)] for u in range(m)}
     trajs = [traj(u, n, first_error=3) for u in range(m)]
-    small = agreement(adaptive(k_max=4, batch=1).locate(trajs, ScriptedSampler(p), seed=0), trajs)
+    small = agreement(adaptive(k_max=4, batch=1, k_root=None, risk=None).locate(trajs, ScriptedSampler(p), seed=0), trajs)
     rooted = agreement(adaptive(k_max=64, k_root=32, risk=0.05, batch=4).locate(trajs, ScriptedSampler(p), seed=0),
                        trajs)
     # P(no success in 4) = 0.66, in 32 = 0.034: undetermined falls from ~132 to ~7 of 200

@@ -54,10 +54,10 @@ class AdaptiveConfig(EstimatorConfig):
     """Sequential probes: one success settles V > 0, k_max failures settle V ~ 0."""
 
     name: str = "adaptive"
-    k_max: int = 16  # most draws per probe; a prefix with success rate p is misjudged as dead w.p. (1-p)^k_max
+    k_max: int = 32  # most draws per probe; a prefix with success rate p is misjudged as dead w.p. (1-p)^k_max
     batch: int = 2  # draws per open probe per wave (raise for fewer, larger generate calls)
-    k_root: int | None = None  # most draws at the prompt before calling the trajectory undetermined (null: k_max)
-    risk: float | None = None  # calibrated probes: draw until P(dead verdict | V = c) <= risk, c = the prompt's smoothed success rate (null: always k_max)
+    k_root: int | None = 24  # most draws at the prompt before calling the trajectory undetermined (null: k_max)
+    risk: float | None = 0.05  # calibrated probes: draw until P(dead verdict | V = c) <= risk, c = the prompt's smoothed success rate (null: always k_max)
 
     def __post_init__(self) -> None:
         super().__post_init__()
