@@ -61,3 +61,20 @@ def test_offline_pairs_rejects_ppo_with_the_allowed_list():
 def test_estimators_bench_without_reference_reports_nan_agreement():
     rows = estimators.main(["--prompts", "6", "--samples", "2", "--reference-k", "0", "--arms", "random"])
     assert math.isnan(rows[0]["agree_mc16"]) and rows[0]["tokens_per_traj"] == 0  # random spends no rollouts
+
+
+def test_mask_divergence_finds_the_first_differing_token_and_its_step():
+    nl = 9
+    chosen = [1, 2, 3, nl, 4, 5, nl, 6, nl]  # prompt [1, 2], then steps "3\n", "45\n", "6\n"
+    rejected = [1, 2, 3, nl, 4, 7, 7, nl, 8, nl]  # goes wrong at index 5, inside the second step
+    e = {"chosen": chosen, "rejected": rejected, "start": 2}
+    offline_pairs.mask_divergence(e, nl, whole_step=False)
+    assert (e["start"], e["chosen_end"], e["rejected_end"]) == (5, 6, 6)
+    e = {"chosen": chosen, "rejected": rejected, "start": 2}
+    offline_pairs.mask_divergence(e, nl, whole_step=True)
+    assert (e["start"], e["chosen_end"], e["rejected_end"]) == (4, 7, 8)  # "45\n" vs "577\n"
+
+
+def test_offline_pairs_mask_needs_pairwise_objectives():
+    with pytest.raises(SystemExit, match="needs pairwise objectives, got kto.*allowed: dpo"):
+        offline_pairs.main(["--objectives", "dpo,kto", "--mask", "divergence_token"])

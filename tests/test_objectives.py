@@ -357,3 +357,29 @@ def test_score_sequences_matches_per_sequence_logps_and_scores_duplicates_once(m
     assert got == pytest.approx(want, abs=1e-5)
     assert got[0] == got[2] and got[4] != got[0]
     assert len(calls) == 2  # 4 distinct (sequence, start) keys in batches of 2
+
+
+def test_pad_sequences_ends_cut_the_loss_mask():
+    b = pad_sequences([enc("1+2=3\n"), enc("9+1=10")], [4, 4], PAD, ends=[5, None])
+    assert b["loss_mask"].tolist() == [[0, 0, 0, 0, 1, 0], [0, 0, 0, 0, 1, 1]]
+
+
+@pytest.mark.parametrize("name", ["dpo", "simpo", "orpo"])
+def test_pair_ends_mask_both_sides_and_precompute_agrees(models, name):
+    """chosen_end / rejected_end narrow a pair's loss; the reference pass scores the same tokens."""
+    from gpo_exp.training.batching import score_sequences
+
+    policy, ref = models
+    obj = build(name)
+    examples = obj.make_examples([G2], 8, random.Random(0), 1)  # chosen "9+1=b1", rejected "9+1=b10"
+    for e in examples:
+        e["chosen_end"], e["rejected_end"] = len(e["chosen"]), len(e["rejected"]) - 1  # drop rejected's "0"
+    batch = obj.collate(examples, PAD)
+    assert batch["loss_mask"].sum(-1).tolist() == [2, 2]  # "b1" and "b1": the pair's scored spans
+    if obj.uses_reference:
+        obj.precompute(examples, policy, ref, PAD)
+        got = examples[0]["ref_logps"]
+        want = score_sequences(ref, [enc("9+1=b1")] * 2, [4, 4], PAD)
+        assert got == pytest.approx(tuple(want), abs=1e-6)
+    loss, _ = obj.loss(policy, obj.collate(examples, PAD), ref)
+    assert torch.isfinite(loss)

@@ -2,6 +2,7 @@
 
     python -m gpo_exp.bench.offline_pairs [--objectives dpo,ipo,kto,orpo,sft] [--lrs 1e-5,1e-4]
                                           [--steps 40] [--batch 32] [--prompts 512] [--lora 0] [--n-embd 128] [--set beta=1.0]
+                                          [--mask completion|divergence_step|divergence_token]
 
 Samples 4 trajectories for each of `--prompts` training prompts with the warm-started policy,
 builds whole-trajectory examples (the baseline arm's data) once, then for every (objective, lr)
@@ -9,7 +10,9 @@ trains a fresh copy of the warm start for `--steps` steps of `--batch` examples 
 and sampled test accuracy before and after, and how the log-probability of the sampled correct and
 incorrect trajectories moved (mean over trajectories, summed over completion tokens). `sft` is a
 control: supervised steps on the benchmark's ground-truth solutions at the same lr and batch, i.e.
-what a signal known to be useful does.
+what a signal known to be useful does. `--mask` narrows a pairwise loss to where chosen and rejected
+first differ: that token's whole step (line), or the token alone; it tests whether the loss is
+harmed by training on the tokens after the divergence.
 """
 from __future__ import annotations
 
@@ -47,8 +50,32 @@ def _accuracy(model, tok, bench, rows) -> tuple[float, float]:
     return out["accuracy"], out["sampled_accuracy"]
 
 
+MASKS = ("completion", "divergence_step", "divergence_token")
+
+
+def mask_divergence(example: dict[str, Any], newline_id: int, whole_step: bool) -> None:
+    """Restrict a pair's loss to the first differing token (and, with whole_step, the rest of its line)."""
+    c, r, start = example["chosen"], example["rejected"], example["start"]
+    d = start
+    while d < min(len(c), len(r)) and c[d] == r[d]:
+        d += 1
+    if not whole_step:
+        example["start"], example["chosen_end"], example["rejected_end"] = d, d + 1, d + 1
+        return
+    line = d
+    while line > start and c[line - 1] != newline_id:  # back to the start of the step holding token d
+        line -= 1
+
+    def end_of_step(ids: list[int]) -> int:
+        e = d
+        while e < len(ids) and ids[e] != newline_id:
+            e += 1
+        return e + 1  # the newline belongs to the step
+    example["start"], example["chosen_end"], example["rejected_end"] = line, end_of_step(c), end_of_step(r)
+
+
 def _train(name: str, base, tok, bench, groups: list[Group], gt: list[tuple[list[int], list[int]]], lr: float,
-           steps: int, batch: int, lora: int, seed: int, overrides: dict[str, Any]) -> Any:
+           steps: int, batch: int, lora: int, seed: int, overrides: dict[str, Any], mask: str = "completion") -> Any:
     policy, ref = policy_and_reference(copy.deepcopy(base), lora, 2.0 * lora)
     rng = random.Random(seed)
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
@@ -57,6 +84,10 @@ def _train(name: str, base, tok, bench, groups: list[Group], gt: list[tuple[list
         extra = {k: v for k, v in overrides.items() if k in fields}
         obj = OPTIMIZERS.build({"name": name, "batch_size": batch, **extra})  # its lr is unused: AdamW is built here
         examples = obj.make_examples(groups, 10**9, random.Random(seed), 2)
+        if mask != "completion":
+            newline_id = tok("\n", add_special_tokens=False).input_ids[-1]
+            for e in examples:
+                mask_divergence(e, newline_id, whole_step=mask == "divergence_step")
         obj.precompute(examples, policy, ref, tok.pad_token_id)
     for _ in range(steps):
         policy.train()
@@ -90,6 +121,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                     help="SFT steps of the warm start (fewer: a weaker start with more room to improve)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="optimizer config override for every objective that has the field, e.g. --set beta=1.0")
+    ap.add_argument("--mask", default="completion", choices=MASKS,
+                    help="pairwise losses only: train on the whole completion, or only where chosen and rejected first differ")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for the tiny model)")
     args = ap.parse_args(argv)
@@ -99,6 +132,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         raise SystemExit("--objectives: ppo is not supported offline (it needs on-policy rollouts for its value "
                          "head and GAE); allowed: dpo, ipo, kto, simpo, orpo, grpo, sft")
     overrides = dict(parse_key_value(kv, "--set") for kv in args.set)
+    unpaired = [o for o in args.objectives.split(",") if o in ("kto", "grpo", "sft")]
+    if args.mask != "completion" and unpaired:
+        raise SystemExit(f"--mask {args.mask}: needs pairwise objectives, got {','.join(unpaired)}; "
+                         "allowed: dpo, ipo, simpo, orpo")
     bench = get("arith")
     base, tok, _ = warm_start(ModelConfig(n_embd=args.n_embd, n_head=args.n_head), bench, WarmStartConfig(steps=args.warm_steps))
     test = bench.load("test")[: args.test_rows]
@@ -110,7 +147,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
               for i in range(0, len(trajs), 4)]
     gt = [(encode_prompt(tok, bench.prompt(r), True), tok(r["solution"], add_special_tokens=False).input_ids
            + [tok.eos_token_id]) for r in train_rows[: 5000]]
-    print(f"warm start: greedy {before[0]:.3f}, sampled {before[1]:.3f} on {len(test)} test rows; "
+    print(f"warm start: greedy {before[0]:.3f}, sampled {before[1]:.3f} on {len(test)} test rows; mask {args.mask}; "
           f"{len(trajs)} trajectories, train accuracy {sum(t.reward for t in trajs) / len(trajs):.3f}", flush=True)
     rows = []
     # log-prob shift of the sampled training trajectories themselves (summed over completion tokens):
@@ -125,7 +162,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         for lr in (float(x) for x in args.lrs.split(",")):
             t0 = time.perf_counter()
             trained = _train(name, base, tok, bench, groups, gt, lr, args.steps, args.batch, args.lora, args.seed,
-                             overrides)
+                             overrides, args.mask)
             greedy, sampled = _accuracy(trained, tok, bench, test)
             shift = [a - b for a, b in zip(score_sequences(trained.eval(), seqs, starts, tok.pad_token_id), base_logps)]
             d_ok = sum(d for d, t in zip(shift, trajs) if t.reward > 0) / max(1, n_ok)

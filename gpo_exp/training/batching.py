@@ -11,8 +11,9 @@ import torch
 from transformers import PreTrainedModel
 
 
-def pad_sequences(seqs: Sequence[Sequence[int]], starts: Sequence[int], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad `seqs`; loss_mask is 1 on tokens at index >= starts[i] (the scored completion)."""
+def pad_sequences(seqs: Sequence[Sequence[int]], starts: Sequence[int], pad_id: int,
+                  ends: Sequence[int | None] | None = None) -> dict[str, torch.Tensor]:
+    """Right-pad `seqs`; loss_mask is 1 on tokens starts[i] <= index < ends[i] (default: to the end)."""
     T = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     attn = torch.zeros((len(seqs), T), dtype=torch.long)
@@ -20,7 +21,8 @@ def pad_sequences(seqs: Sequence[Sequence[int]], starts: Sequence[int], pad_id: 
     for i, (s, st) in enumerate(zip(seqs, starts)):
         ids[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
         attn[i, : len(s)] = 1
-        loss[i, st: len(s)] = 1.0
+        end = len(s) if ends is None or ends[i] is None else min(ends[i], len(s))
+        loss[i, st: end] = 1.0
     return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss}
 
 
@@ -45,21 +47,23 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 @torch.inference_mode()
 def score_sequences(model: torch.nn.Module, seqs: Sequence[Sequence[int]], starts: Sequence[int], pad_id: int,
-                    batch_size: int = 32) -> list[float]:
-    """Summed log-prob of each sequence's tokens from `starts[i]` on, for a frozen model (no gradient).
+                    batch_size: int = 32, ends: Sequence[int | None] | None = None) -> list[float]:
+    """Summed log-prob of each sequence's tokens from `starts[i]` on (to `ends[i]` if given), for a
+    frozen model (no gradient).
 
-    Built for the one-off reference pass over a round's data: identical (sequence, start) pairs are
+    Built for the one-off reference pass over a round's data: identical (sequence, start, end) are
     scored once (a chosen continuation shared by several pairs, say), and sequences are sorted by
     length before batching, so little compute goes to padding. Without gradients a forward keeps no
     activations, so callers pass twice the sequences of a training step: fewer, fuller batches.
     """
-    keys = [(tuple(s), st) for s, st in zip(seqs, starts)]
+    ends = ends if ends is not None else [None] * len(seqs)
+    keys = [(tuple(s), st, en) for s, st, en in zip(seqs, starts, ends)]
     uniq = sorted(set(keys), key=lambda k: len(k[0]))
     device = model_device(model)
-    scores: dict[tuple[tuple[int, ...], int], float] = {}
+    scores: dict[tuple[tuple[int, ...], int, int | None], float] = {}
     for i in range(0, len(uniq), batch_size):
         chunk = uniq[i: i + batch_size]
-        batch = pad_sequences([k[0] for k in chunk], [k[1] for k in chunk], pad_id)
+        batch = pad_sequences([k[0] for k in chunk], [k[1] for k in chunk], pad_id, [k[2] for k in chunk])
         logps, _ = sequence_logps(model, {k: v.to(device) for k, v in batch.items()})
         scores.update(zip(chunk, logps.tolist()))
     return [scores[k] for k in keys]

@@ -71,6 +71,11 @@ class ORPOConfig(OptimizerConfig):
         check(self.lam > 0, "optimizer.lam", self.lam, "> 0")
 
 
+def _ends(examples: Sequence[dict[str, Any]]) -> list[int | None]:
+    """Where each chosen, then each rejected, loss mask stops (optional keys; None: the sequence's end)."""
+    return [e.get("chosen_end") for e in examples] + [e.get("rejected_end") for e in examples]
+
+
 class PairObjective(Objective):
     """Shared data handling for pairwise losses; subclasses implement `pair_loss`."""
 
@@ -87,7 +92,7 @@ class PairObjective(Objective):
 
     def collate(self, examples: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
         seqs = [e["chosen"] for e in examples] + [e["rejected"] for e in examples]
-        batch = pad_sequences(seqs, [e["start"] for e in examples] * 2, pad_id)
+        batch = pad_sequences(seqs, [e["start"] for e in examples] * 2, pad_id, _ends(examples))
         if "ref_logps" in examples[0]:
             batch["ref_logps"] = torch.tensor([e["ref_logps"][0] for e in examples] +
                                               [e["ref_logps"][1] for e in examples])
@@ -100,7 +105,8 @@ class PairObjective(Objective):
             return
         n = len(examples)
         scores = score_sequences(ref, [e["chosen"] for e in examples] + [e["rejected"] for e in examples],
-                                 [e["start"] for e in examples] * 2, pad_id, batch_size=4 * self.cfg.batch_size)
+                                 [e["start"] for e in examples] * 2, pad_id, batch_size=4 * self.cfg.batch_size,
+                                 ends=_ends(examples))
         for e, c, r in zip(examples, scores[:n], scores[n:]):
             e["ref_logps"] = (c, r)
 
