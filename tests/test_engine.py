@@ -118,6 +118,17 @@ def test_determinism(setup):
     assert d[0].ids == a[0].ids
 
 
+def test_per_call_temperature_equals_a_configured_one(setup):
+    _, _, prefixes = setup
+    at_half = engine(setup, temperature=0.5).generate(prefixes[:6], [0] * 6, seed=0)
+    override = engine(setup).generate(prefixes[:6], [0] * 6, seed=0, temperature=0.5)
+    at_one = engine(setup).generate(prefixes[:6], [0] * 6, seed=0)
+    assert [g.ids for g in override] == [g.ids for g in at_half]
+    assert [g.ids for g in override] != [g.ids for g in at_one]  # the override took effect
+    greedy = engine(setup).generate(prefixes[:6], [0] * 6, seed=0, greedy=True)
+    assert [g.ids for g in engine(setup).generate(prefixes[:6], [3] * 6, seed=5, temperature=0)] == [g.ids for g in greedy]
+
+
 def test_batching_invariance(setup):
     _, _, prefixes = setup
     pre, sid = requests(prefixes[:8])

@@ -32,13 +32,15 @@ class ScriptedSampler:
         self.p, self.exact = p, exact
         self.calls, self.jobs = 0, 0
         self.asked: list[tuple[int, int, int]] = []
+        self.temperatures: list[float | None] = []  # the temperature each call asked for
 
     def coin(self, uid: int, step: int, j: int) -> float:
         h = hashlib.blake2b(f"{uid}/{step}/{j}".encode(), digest_size=8).digest()
         return int.from_bytes(h, "little") / 2**64
 
-    def __call__(self, jobs: Sequence[Job]) -> list[list[Continuation]]:
+    def __call__(self, jobs: Sequence[Job], temperature: float | None = None) -> list[list[Continuation]]:
         self.calls += 1
+        self.temperatures.append(temperature)
         self.jobs += len(jobs)
         out = []
         for job in jobs:
@@ -310,3 +312,35 @@ def test_k_root_spends_more_on_the_prompt_before_giving_up():
 def test_adaptive_calibration_bad_values(bad):
     with pytest.raises(ConfigError, match=next(iter(bad))):
         AdaptiveConfig(**bad)
+
+
+@pytest.mark.parametrize("make", [mc, bisect, adaptive])
+def test_probe_temperature_reaches_every_sampler_call(make):
+    p = {u: [0.9, 0.9, 0.0, 0.0] for u in range(4)}
+    trajs = [traj(u, 4, first_error=2) for u in range(4)]
+    probed = ScriptedSampler(p)
+    make(temperature=0.5).locate(trajs, probed, seed=0)
+    assert probed.calls > 0 and probed.temperatures == [0.5] * probed.calls
+    plain = ScriptedSampler(p)
+    make().locate(trajs, plain, seed=0)
+    assert plain.temperatures == [None] * plain.calls  # default: the policy's own temperature
+
+
+def test_probe_temperature_must_be_positive():
+    with pytest.raises(ConfigError, match="estimator.temperature"):
+        EstimatorConfig(temperature=0.0)
+
+
+def test_reset_groups_reuse_estimation_switch():
+    """Probes drawn at another temperature are not policy samples: the round then trains on fresh draws only."""
+    from gpo_exp.rollout.gpo_round import GPOConfig, reset_groups
+
+    p = {u: [0.9, 0.9, 0.0, 0.0] for u in range(3)}
+    trajs = [traj(u, 4, first_error=2) for u in range(3)]
+    sampler = ScriptedSampler(p)
+    locs = mc(k=2).locate(trajs, sampler, seed=0)
+    cfg = GPOConfig(reset_samples=2, include_original=False)
+    fresh_only = reset_groups(trajs, locs, sampler, cfg, reuse_estimation=False)
+    reused = reset_groups(trajs, locs, sampler, cfg)
+    assert [len(g.continuations) for g in fresh_only] == [2, 2, 2]
+    assert [len(g.continuations) for g in reused] == [4, 4, 4]  # + the estimator's K=2 from the reset prefix

@@ -64,8 +64,10 @@ class RolloutEngine(Protocol):
     stats: EngineStats
 
     def generate(self, prefixes: Sequence[Sequence[int]], sample_ids: Sequence[int], *, seed: int,
-                 greedy: bool = False, max_new_tokens: int | None = None) -> list[Generation]:
-        """One generation per (prefix, sample id); sample (prefix, j, seed) is reproducible."""
+                 greedy: bool = False, max_new_tokens: int | None = None,
+                 temperature: float | None = None) -> list[Generation]:
+        """One generation per (prefix, sample id); sample (prefix, j, seed) is reproducible.
+        `temperature` overrides the configured one for this call (None: the config's)."""
         ...
 
 
@@ -125,12 +127,14 @@ class HFRolloutEngine:
     progress: bool = False  # a progress bar over batches for calls with several of them
 
     def generate(self, prefixes: Sequence[Sequence[int]], sample_ids: Sequence[int], *, seed: int,
-                 greedy: bool = False, max_new_tokens: int | None = None) -> list[Generation]:
+                 greedy: bool = False, max_new_tokens: int | None = None,
+                 temperature: float | None = None) -> list[Generation]:
         t0 = time.perf_counter()
+        temperature = self.cfg.temperature if temperature is None else temperature
         if any(len(p) == 0 for p in prefixes):
             raise ValueError("every prefix needs at least one token (e.g. the prompt's BOS)")
         limit = max_new_tokens or self.cfg.max_new_tokens or self.default_max_new_tokens
-        greedy = greedy or self.cfg.temperature == 0  # greedy samples of one prefix are all the same sample
+        greedy = greedy or temperature == 0  # greedy samples of one prefix are all the same sample
         keys = sample_keys(prefixes, [0 if greedy else j for j in sample_ids], seed)
         # Deduplicate: identical (prefix, j) requests share one generation (exact, see module doc).
         todo: list[tuple[int, tuple[int, ...]]] = []
@@ -152,7 +156,8 @@ class HFRolloutEngine:
             starts = range(0, len(order), self.cfg.batch_size)
             for b in tqdm(starts, desc="generate", unit="batch", leave=False, disable=not self.progress or len(starts) < 4):
                 idx = order[b: b + self.cfg.batch_size]
-                gens = self._generate_batch([todo[i][1] for i in idx], [todo[i][0] for i in idx], limit, greedy)
+                gens = self._generate_batch([todo[i][1] for i in idx], [todo[i][0] for i in idx], limit, greedy,
+                                             temperature)
                 for i, g in zip(idx, gens):
                     results[i] = g
         finally:
@@ -167,7 +172,7 @@ class HFRolloutEngine:
 
     @torch.no_grad()
     def _generate_batch(self, prefixes: list[tuple[int, ...]], keys: list[int], limit: int,
-                        greedy: bool) -> list[Generation]:
+                        greedy: bool, temperature: float) -> list[Generation]:
         device = self.model.device
         # Prefill each distinct prefix once, then give every request row a copy of its prefix's cache.
         uniq: dict[tuple[int, ...], int] = {}
@@ -190,7 +195,7 @@ class HFRolloutEngine:
         live = torch.arange(len(prefixes), device=device)  # batch row -> request index, for rows still running
         toks = torch.full((len(prefixes), limit), self.pad_id, dtype=torch.long, device=device)
         for t in range(limit):
-            tok = choose_tokens(logits, key_t, t, self.cfg.temperature, self.cfg.top_p, greedy)
+            tok = choose_tokens(logits, key_t, t, temperature, self.cfg.top_p, greedy)
             toks[live, t] = tok
             if t == limit - 1:
                 break

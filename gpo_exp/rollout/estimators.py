@@ -41,12 +41,14 @@ class EstimatorConfig:
     tie_break: str = "random"  # among equal scores: random (seeded per trajectory) | earliest
     explore: str = "failed"  # failed: only trajectories with reward 0 (authors' code) | all
     reuse_siblings: bool = True  # count other trajectories of the same prompt that pass through a prefix as free samples of it (beyond the paper)
+    temperature: float | None = None  # sampling temperature of the value probes (null: the policy's, engine.temperature); lower sharpens the drop at an error
 
     def __post_init__(self) -> None:
         check(self.k >= 1, "estimator.k", self.k, ">= 1")
         check(self.select in SELECTS, "estimator.select", self.select, f"one of {', '.join(SELECTS)}")
         check(self.tie_break in TIE_BREAKS, "estimator.tie_break", self.tie_break, f"one of {', '.join(TIE_BREAKS)}")
         check(self.explore in EXPLORES, "estimator.explore", self.explore, f"one of {', '.join(EXPLORES)}")
+        check(self.temperature is None or self.temperature > 0, "estimator.temperature", self.temperature, "> 0 or null")
 
 
 @dataclass
@@ -78,8 +80,9 @@ Plan = Generator[list[Request], None, tuple[int, str]]
 class Draws:
     """Every continuation drawn in one `locate` call, keyed by (uid, prefix); the only caller of the sampler."""
 
-    def __init__(self, sample: ContinuationSampler) -> None:
+    def __init__(self, sample: ContinuationSampler, temperature: float | None = None) -> None:
         self.sample = sample
+        self.temperature = temperature
         self.store: dict[tuple[int, int], list[Continuation]] = {}
         self.calls = 0
 
@@ -122,7 +125,7 @@ class Draws:
             next_offset[key] = offset + n
         if not jobs:
             return
-        out = self.sample(jobs)
+        out = self.sample(jobs) if self.temperature is None else self.sample(jobs, temperature=self.temperature)
         self.calls += 1
         if len(out) != len(jobs) or any(len(c) != j.n for c, j in zip(out, jobs)):
             raise RuntimeError(f"sampler returned {[len(c) for c in out]} continuations for jobs asking {[j.n for j in jobs]}")
@@ -149,7 +152,7 @@ class Estimator:
         uids = [t.uid for t in trajs]
         if len(set(uids)) != len(uids):
             raise ValueError(f"trajectory uids must be unique within a round, got duplicates in {sorted(uids)}")
-        draws = Draws(sample)
+        draws = Draws(sample, self.cfg.temperature)
         if self.cfg.reuse_siblings:
             draws.seed_siblings(trajs)
         found: dict[int, tuple[int | None, str]] = {}

@@ -75,8 +75,10 @@ def prompt_groups(trajs: Sequence[Trajectory]) -> list[Group]:
 
 
 def reset_groups(trajs: Sequence[Trajectory], locs: Sequence[Localization], sampler: PolicySampler,
-                 cfg: GPOConfig) -> list[Group]:
-    """GPO arm: for each explored trajectory, candidates continuing the prefix before its critical step."""
+                 cfg: GPOConfig, reuse_estimation: bool | None = None) -> list[Group]:
+    """GPO arm: for each explored trajectory, candidates continuing the prefix before its critical step.
+    `reuse_estimation` (default cfg.reuse_estimation) adds the estimator's rollouts from that prefix."""
+    reuse = cfg.reuse_estimation if reuse_estimation is None else reuse_estimation
     chosen = [(t, loc) for t, loc in zip(trajs, locs) if loc.critical is not None
               and (cfg.reset_undetermined or loc.status != "undetermined")]
     # New samples start after the estimator's sample indices so they are fresh draws.
@@ -87,7 +89,7 @@ def reset_groups(trajs: Sequence[Trajectory], locs: Sequence[Localization], samp
     for (t, loc), new in zip(chosen, fresh):
         step = int(loc.critical)  # type: ignore[arg-type]
         cands = list(new)
-        if cfg.reuse_estimation:
+        if reuse:
             cands += loc.samples.get(step, [])
         if cfg.include_original:
             cands.append(Continuation(ids=t.completion_ids[t.prefix_len(step):], reward=t.reward))
@@ -118,7 +120,8 @@ def collect_round(rows: Sequence[dict[str, Any]], sampler: PolicySampler, estima
     locs = estimator.locate(trajs, sampler, seed)
     explored = [loc for loc in locs if loc.status != "skipped"]
     tok1 = engine.stats.generated_tokens
-    groups = reset_groups(trajs, locs, sampler, cfg)
+    # probes drawn at another temperature are not samples of the policy: train only on fresh reset draws
+    groups = reset_groups(trajs, locs, sampler, cfg, cfg.reuse_estimation and estimator.cfg.temperature is None)
     agree = agreement(locs, trajs)
     counts = status_counts(locs)
     stats.update({

@@ -53,8 +53,9 @@ class PolicySampler:
             out.append(traj)
         return out
 
-    def __call__(self, jobs: Sequence[Job]) -> list[list[Continuation]]:
-        """Continuations for each job's prefix (the ContinuationSampler protocol), in one batched call."""
+    def __call__(self, jobs: Sequence[Job], temperature: float | None = None) -> list[list[Continuation]]:
+        """Continuations for each job's prefix (the ContinuationSampler protocol), in one batched call;
+        `temperature` overrides the engine's for this call."""
         prefixes, sample_ids, owners = [], [], []
         for k, job in enumerate(jobs):
             prefix = job.traj.prefix_ids(job.step)
@@ -62,7 +63,7 @@ class PolicySampler:
                 prefixes.append(prefix)
                 sample_ids.append(j)
                 owners.append(k)
-        gens = self.engine.generate(prefixes, sample_ids, seed=self.seed) if prefixes else []
+        gens = self.engine.generate(prefixes, sample_ids, seed=self.seed, temperature=temperature) if prefixes else []
         out: list[list[Continuation]] = [[] for _ in jobs]
         for k, g in zip(owners, gens):
             job = jobs[k]

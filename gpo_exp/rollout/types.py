@@ -69,7 +69,7 @@ class Job:
 class ContinuationSampler(Protocol):
     """Batched continuation sampling plus scoring. One call should be one batched generation."""
 
-    def __call__(self, jobs: Sequence[Job]) -> list[list[Continuation]]: ...
+    def __call__(self, jobs: Sequence[Job], temperature: float | None = None) -> list[list[Continuation]]: ...
 
 
 @dataclass
