@@ -275,6 +275,24 @@ class Arm:
         return NICE.get(self.base, self.base.upper())
 
 
+def _show(value: Any) -> str:
+    return "null" if value is None else str(value)
+
+
+def _varying_estimator_fields(runs: Sequence[Run]) -> dict[str, list[str]]:
+    """Per estimator name, the config fields other than name and K that differ between its runs
+    (a sweep over estimator.temperature or estimator.select must not pool its arms)."""
+    by_name: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for run in runs:
+        est = run.cfg("estimator")
+        by_name[str(run.cfg("estimator.name", "?"))].append(est if isinstance(est, dict) else {})
+    out: dict[str, list[str]] = {}
+    for name, cfgs in by_name.items():
+        fields = sorted({f for c in cfgs for f in c} - {"name", "k"})
+        out[name] = [f for f in fields if len({_show(c.get(f)) for c in cfgs}) > 1]
+    return out
+
+
 def group_arms(runs: Iterable[Run]) -> list[Arm]:
     """Arms in table order: per base optimizer X, then GPO-X variants (most runs first)."""
     groups: dict[tuple[str, bool], list[Run]] = defaultdict(list)
@@ -283,14 +301,17 @@ def group_arms(runs: Iterable[Run]) -> list[Arm]:
     arms: list[Arm] = []
     for (base, gpo), members in groups.items():
         nice = ("GPO-" if gpo else "") + NICE.get(base, base.upper())
-        variants: dict[tuple[str, str], list[Run]] = defaultdict(list)
-        for run in members:  # estimator/K only matter, and only split rows, for GPO arms
-            key = (str(run.cfg("estimator.name", "?")), str(run.cfg("estimator.k", "?"))) if gpo else ("", "")
+        variants: dict[tuple[str, str, tuple[tuple[str, str], ...]], list[Run]] = defaultdict(list)
+        extra = _varying_estimator_fields(members) if gpo else {}
+        for run in members:  # the estimator only matters, and only splits rows, for GPO arms
+            name = str(run.cfg("estimator.name", "?"))
+            key = ((name, str(run.cfg("estimator.k", "?")),
+                    tuple((f, _show(run.cfg(f"estimator.{f}"))) for f in extra.get(name, ()))) if gpo else ("", "", ()))
             variants[key].append(run)
-        vary_name = len({name for name, _ in variants}) > 1
-        vary_k = len({k for _, k in variants}) > 1
-        for (name, k), vruns in variants.items():
-            parts = ([name] if vary_name else []) + ([f"K={k}"] if vary_k else [])
+        vary_name = len({name for name, _, _ in variants}) > 1
+        vary_k = len({k for _, k, _ in variants}) > 1
+        for (name, k, fields), vruns in variants.items():
+            parts = ([name] if vary_name else []) + ([f"K={k}"] if vary_k else []) + [f"{f}={v}" for f, v in fields]
             arms.append(Arm(nice + (f" ({', '.join(parts)})" if parts else ""), base, gpo, vruns))
     rank = {name: i for i, name in enumerate(ORDER)}
     arms.sort(key=lambda a: (rank.get(a.base, len(ORDER)), a.base, a.gpo, -len(a.runs), a.label))

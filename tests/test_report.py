@@ -21,12 +21,12 @@ GPO_KTO = [0.44, 0.50, 0.53]
 
 
 def _write_run(root: Path, rel: str, *, opt: str, gpo: bool, seed: int, acc: float, est: str = "mc", k: int = 4,
-               extra: dict | None = None) -> None:
+               extra: dict | None = None, est_fields: dict | None = None) -> None:
     d = root / rel
     (d / ".hydra").mkdir(parents=True)
     overrides = [f"optimizer={opt}", f"gpo.enabled={str(gpo).lower()}", f"seed={seed}"]
     (d / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
-    config = {"optimizer": {"name": opt}, "gpo": {"enabled": gpo}, "estimator": {"name": est, "k": k},
+    config = {"optimizer": {"name": opt}, "gpo": {"enabled": gpo}, "estimator": {"name": est, "k": k, **(est_fields or {})},
               "benchmark": {"name": "arith"}, "seed": seed}
     summary = {
         "eval/accuracy_before": 0.30, "eval/accuracy_after": acc,
@@ -172,6 +172,16 @@ def test_k_variants_get_rows(tmp_path: Path) -> None:
     rep = build_report(tmp_path, metric="eval/accuracy_after")
     assert [a.label for a in rep.arms] == ["GPO-SimPO (K=4)", "GPO-SimPO (K=8)"]
     assert rep.row("GPO-SimPO (K=8)", "arith").ci95 == 0.0
+
+
+def test_other_estimator_fields_that_vary_split_arms(tmp_path: Path) -> None:
+    """A sweep over estimator.temperature gives one row per temperature, not one pooled row."""
+    for s in range(2):
+        _write_run(tmp_path, f"a{s}", opt="dpo", gpo=True, seed=s, acc=0.5, est_fields={"temperature": None, "explore": "failed"})
+        _write_run(tmp_path, f"b{s}", opt="dpo", gpo=True, seed=s, acc=0.7, est_fields={"temperature": 0.5, "explore": "failed"})
+    rep = build_report(tmp_path, metric="eval/accuracy_after")
+    assert [a.label for a in rep.arms] == ["GPO-DPO (temperature=0.5)", "GPO-DPO (temperature=null)"]
+    assert rep.row("GPO-DPO (temperature=0.5)", "arith").mean == pytest.approx(0.7)
 
 
 def test_bad_metric_names_available(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

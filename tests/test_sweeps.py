@@ -32,7 +32,7 @@ from tests.conftest import CONF_DIR
 ROOT = CONF_DIR.parent
 SWEEPS = ROOT / "sweeps"
 OPTS = ("dpo", "kto", "simpo", "orpo", "ppo", "grpo")
-JOBS = {"main": 36, "reset": 12, "k": 15, "budget": 6, "smoke": 12}  # grid sweeps -> number of runs
+JOBS = {"main": 36, "reset": 12, "k": 15, "budget": 6, "smoke": 12, "probe_temperature": 9}  # grid sweeps -> number of runs
 OPTUNA = "optuna"  # the one non-grid sweep (needs hydra-optuna-sweeper)
 # Until the lead ships the warm-start checkpoint, a tiny warm start (20 steps of 16) keeps the slow test
 # in minutes; accuracy is then ~0, which the test does not check.
@@ -124,6 +124,12 @@ def test_k_sweeps_mc_rollouts_per_prefix(hcompose, sweep_jobs):
     jobs = sweep_jobs("k")
     assert _arms(jobs) == {("gpo-dpo", "mc", k, s) for k in (2, 4, 8, 12, 16) for s in (0, 1, 2)}
     assert hcompose(["+sweep=k", "optimizer=kto"]).name == "gpo-kto"  # the command line still wins
+
+
+def test_probe_temperature_sweeps_mc_probe_temperatures(sweep_jobs):
+    jobs = sweep_jobs("probe_temperature")
+    assert {(c.name, c.estimator.name, c.estimator.k, c.estimator.temperature, c.seed) for c in jobs} == {
+        ("gpo-dpo", "mc", 4, t, s) for t in (None, 0.7, 0.5) for s in (0, 1, 2)}
 
 
 def test_budget_arms_share_the_token_budget_and_the_baseline_can_reach_it(sweep_jobs):
