@@ -23,9 +23,11 @@ from gpo_exp.rollout.sampler import PolicySampler
 from gpo_exp.training.warmstart import WarmStartConfig, warm_start
 
 # reuse_siblings=False is the paper's mc; True adds free samples from the prompt's other trajectories.
+OFF = {"k_root": None, "risk": None}  # adaptive without calibration: k_max draws everywhere (the early defaults)
 ARMS = [("mc", {"k": 4, "reuse_siblings": False}), ("mc", {"k": 8, "reuse_siblings": False}),
-        ("mc", {"k": 16, "reuse_siblings": False}), ("mc", {"k": 4}), ("bisect", {"k": 4}), ("adaptive", {"k_max": 8, "batch": 1}),
-        ("adaptive", {"k_max": 16, "batch": 2}), ("adaptive", {"k_max": 32, "batch": 4}), ("random", {})]
+        ("mc", {"k": 16, "reuse_siblings": False}), ("mc", {"k": 4}), ("bisect", {"k": 4}),
+        ("adaptive", {"k_max": 8, "batch": 1, **OFF}), ("adaptive", {"k_max": 16, "batch": 2, **OFF}),
+        ("adaptive", {"k_max": 32, "batch": 4, **OFF}), ("adaptive", {}), ("random", {})]
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
