@@ -33,6 +33,8 @@ register_configs()
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
 warnings.filterwarnings("ignore", message=r".*`training_step` returned `None`.*")
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+# The round's examples are already tensors in memory; loader workers would only add start-up cost.
+warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
 
 
 def apply_fast_dev_run(cfg: Resolved) -> None:
