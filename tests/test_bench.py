@@ -78,3 +78,13 @@ def test_mask_divergence_finds_the_first_differing_token_and_its_step():
 def test_offline_pairs_mask_needs_pairwise_objectives():
     with pytest.raises(SystemExit, match="needs pairwise objectives, got kto.*allowed: dpo"):
         offline_pairs.main(["--objectives", "dpo,kto", "--mask", "divergence_token"])
+
+
+def test_bench_device_and_hf_config_errors_are_one_line(tmp_path):
+    from gpo_exp.bench import parse_device
+
+    assert parse_device("cpu").type == "cpu"
+    with pytest.raises(SystemExit, match="--device: 'gpu0' is not a device; allowed: cpu, cuda, cuda:N"):
+        parse_device("gpu0")
+    with pytest.raises(SystemExit, match="--hf-config: cannot read a config and tokenizer from"):
+        ref_logps.main(["--hf-config", str(tmp_path / "missing"), "--pairs", "2"])

@@ -12,3 +12,16 @@ def parse_key_value(kv: str, where: str) -> tuple[str, Any]:
     if not sep or not key:
         raise SystemExit(f"{where}: {kv!r} is not key=value (expected KEY=VALUE)")
     return key, yaml.safe_load(val)
+
+
+def parse_device(name: str) -> "torch.device":
+    """--device as a torch.device; one line naming the value and what is allowed when it cannot be used."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SystemExit(f"--device: {name!r} is not a device; allowed: cpu, cuda, cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: no CUDA device is visible here; allowed: cpu")
+    return device

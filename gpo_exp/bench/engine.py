@@ -25,6 +25,7 @@ from typing import Callable, Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from gpo_exp.bench import parse_device
 from gpo_exp.benchmarks import Benchmark, get
 from gpo_exp.models import ModelConfig, build_base
 from gpo_exp.models.prompting import encode_prompt
@@ -143,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> list[Result]:
 
     bench = get("arith")
     model, tok, cfg = load_policy(args.model, args.untrained, bench, args.seed)
-    model = model.to(args.device)  # every method reads the token ids back each step, so timings need no sync
+    model = model.to(parse_device(args.device))  # every method reads the token ids back each step, so timings need no sync
     limit = args.max_new_tokens or bench.cfg.max_new_tokens
     prefixes = make_prefixes(HFRolloutEngine(model, tok.eos_token_id, tok.pad_token_id, default_max_new_tokens=limit),
                              tok, bench, cfg, args.requests, args.seed)

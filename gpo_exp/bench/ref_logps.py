@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from gpo_exp.bench import parse_device
 from gpo_exp.benchmarks import get
 from gpo_exp.models.config import ModelConfig
 from gpo_exp.models.lora import policy_and_reference
@@ -82,11 +83,16 @@ def _hf_shape(name: str, device: torch.device) -> tuple[torch.nn.Module, Any]:
     """A randomly initialised model of an HF model's shape, with its tokenizer (no weights fetched)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+        config = AutoConfig.from_pretrained(name)
+    except OSError as e:
+        raise SystemExit(f"--hf-config: cannot read a config and tokenizer from {name!r} "
+                         f"(a hub id or a local HF model directory): {str(e).splitlines()[0]}") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     with device:  # initialise in place: a 1.7B model takes seconds on a GPU, not a minute on the CPU
-        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(name)), tok
+        return AutoModelForCausalLM.from_config(config), tok
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -105,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = ap.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = parse_device(args.device)
 
     bench = get("arith")
     if args.hf_config:
