@@ -22,6 +22,7 @@ import time
 from typing import Any
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from gpo_exp.bench import parse_device
 from gpo_exp.benchmarks import get
@@ -29,11 +30,12 @@ from gpo_exp.models.config import ModelConfig
 from gpo_exp.models.lora import policy_and_reference
 from gpo_exp.rollout.types import Continuation, Group
 from gpo_exp.training.module import adamw
-from gpo_exp.training.objectives import OPTIMIZERS
+from gpo_exp.training.objectives import OPTIMIZERS, Objective
 from gpo_exp.training.warmstart import WarmStartConfig, warm_start
 
 
-def _groups(tok, rows) -> list[Group]:
+def _groups(tok: PreTrainedTokenizerBase, rows: list[dict[str, Any]]) -> list[Group]:
+    """One pair per row: the worked solution (chosen) and the same with a wrong final answer (rejected)."""
     out = []
     for r in rows:
         wrong = r["solution"].rsplit(" ", 1)[0] + f" {int(r['answer']) + 1}"
@@ -49,8 +51,8 @@ def _clock(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def _train(objective, policy, ref, examples, pad_id: int, batch: int, epochs: int, device: torch.device,
-           bf16: bool) -> tuple[float, float]:
+def _train(objective: Objective, policy: torch.nn.Module, ref: torch.nn.Module | None, examples: list[dict[str, Any]],
+           pad_id: int, batch: int, epochs: int, device: torch.device, bf16: bool) -> tuple[float, float]:
     """(seconds of the reference precompute pass, seconds of the training steps)."""
     opt = adamw([p for p in policy.parameters() if p.requires_grad], lr=1e-6)  # the run's optimizer
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext())
@@ -109,6 +111,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 weights), as trainer.precision=bf16-mixed")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = ap.parse_args(argv)
+    if args.repeats < 1:
+        raise SystemExit(f"--repeats: {args.repeats} is not allowed; allowed: >= 1")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     device = parse_device(args.device)
