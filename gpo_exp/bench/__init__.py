@@ -14,6 +14,13 @@ def parse_key_value(kv: str, where: str) -> tuple[str, Any]:
     return key, yaml.safe_load(val)
 
 
+def device_label(device: "torch.device") -> str:
+    """What a bench ran on, for its printed summary: the GPU's name, or the CPU and its torch threads."""
+    import torch
+
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+
+
 def parse_device(name: str) -> "torch.device":
     """--device as a torch.device; one line naming the value and what is allowed when it cannot be used."""
     import torch

@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from gpo_exp.bench import parse_device
+from gpo_exp.bench import device_label, parse_device
 from gpo_exp.benchmarks import Benchmark, get
 from gpo_exp.models import ModelConfig, build_base
 from gpo_exp.models.prompting import encode_prompt
@@ -148,10 +148,8 @@ def main(argv: Sequence[str] | None = None) -> list[Result]:
     limit = args.max_new_tokens or bench.cfg.max_new_tokens
     prefixes = make_prefixes(HFRolloutEngine(model, tok.eos_token_id, tok.pad_token_id, default_max_new_tokens=limit),
                              tok, bench, cfg, args.requests, args.seed)
-    where = (torch.cuda.get_device_name(model.device) if model.device.type == "cuda"
-             else f"CPU, {torch.get_num_threads()} threads")
     print(f"{len(prefixes)} prefixes x K={args.k}, prefix length {min(map(len, prefixes))}-"
-          f"{max(map(len, prefixes))} tokens, max_new_tokens={limit}, {where}")
+          f"{max(map(len, prefixes))} tokens, max_new_tokens={limit}, {device_label(model.device)}")
     methods: list[Callable[[list[list[int]]], Result]] = [
         lambda ps: run_engine(model, tok, ps, args.k, limit, args.batch_size, args.seed),
         lambda ps: run_hf(model, tok, ps, args.k, limit, args.k, args.seed),

@@ -35,6 +35,7 @@ from gpo_exp.rollout.evaluate import evaluate
 from gpo_exp.rollout.sampler import PolicySampler
 from gpo_exp.rollout.types import Continuation, Group
 from gpo_exp.training.batching import pad_sequences, score_sequences, sequence_logps
+from gpo_exp.training.module import adamw
 from gpo_exp.training.objectives import OPTIMIZERS
 from gpo_exp.training.warmstart import WarmStartConfig, warm_start
 
@@ -78,7 +79,7 @@ def _train(name: str, base, tok, bench, groups: list[Group], gt: list[tuple[list
            steps: int, batch: int, lora: int, seed: int, overrides: dict[str, Any], mask: str = "completion") -> Any:
     policy, ref = policy_and_reference(copy.deepcopy(base), lora, 2.0 * lora)
     rng = random.Random(seed)
-    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    opt = adamw([p for p in policy.parameters() if p.requires_grad], lr)  # the run's optimizer
     if name != "sft":
         fields = {f.name for f in dataclasses.fields(OPTIMIZERS.config({"name": name}))}
         extra = {k: v for k, v in overrides.items() if k in fields}

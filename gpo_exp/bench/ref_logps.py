@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from gpo_exp.bench import parse_device
+from gpo_exp.bench import device_label, parse_device
 from gpo_exp.benchmarks import get
 from gpo_exp.models.config import ModelConfig
 from gpo_exp.models.lora import policy_and_reference
@@ -65,20 +65,12 @@ def _train(objective: Objective, policy: torch.nn.Module, ref: torch.nn.Module |
     for _ in range(epochs):
         for i in range(0, len(examples), batch):
             with autocast:
-                loss, _ = objective.loss(policy, _to(objective.collate(examples[i: i + batch], pad_id), device), ref)
+                collated = objective.collate(examples[i: i + batch], pad_id)
+                loss, _ = objective.loss(policy, {k: v.to(device) for k, v in collated.items()}, ref)
             opt.zero_grad()
             loss.backward()
             opt.step()
     return t_pre, _clock(device) - t0
-
-
-def _to(batch: Any, device: torch.device) -> Any:
-    """Move a collated batch (a dict of tensors, possibly nested) to the device."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, dict):
-        return {k: _to(v, device) for k, v in batch.items()}
-    return batch
 
 
 def _hf_shape(name: str, device: torch.device) -> tuple[torch.nn.Module, Any]:
@@ -145,16 +137,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
           f"ratio {steps['precomputed'] / steps['recomputed']:.2f}x per training step, "
           f"{total['precomputed'] / total['recomputed']:.2f}x end to end "
           f"({params / 1e6:.1f}M-parameter model, {'LoRA r=' + str(args.lora) if args.lora else 'full fine-tuning'}, "
-          f"{args.pairs} pairs, batch {args.batch}, {args.epochs} epoch(s), best of {args.repeats}, {_where(device, args.bf16)})")
+          f"{args.pairs} pairs, batch {args.batch}, {args.epochs} epoch(s), best of {args.repeats}, {device_label(device)}, {'bf16 autocast' if args.bf16 else 'fp32'})")
     return {"step_ratio": steps["precomputed"] / steps["recomputed"],
             "total_ratio": total["precomputed"] / total["recomputed"], "params": params,
             **{f"steps/{k}": v for k, v in steps.items()}}
-
-
-def _where(device: torch.device, bf16: bool) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, {'bf16 autocast' if bf16 else 'fp32'}"
-    return f"CPU, {torch.get_num_threads()} threads"
 
 
 if __name__ == "__main__":

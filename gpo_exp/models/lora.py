@@ -6,9 +6,8 @@ off gives pi_ref exactly, so no second copy of the weights is kept (TRL does the
 """
 from __future__ import annotations
 
-from typing import Any
-
 import copy
+from typing import Any
 
 import torch
 from torch import nn
