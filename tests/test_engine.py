@@ -221,6 +221,20 @@ def test_length_limit_and_eos(setup):
         assert len(g.ids) == 10 and eos not in g.ids
 
 
+@pytest.mark.parametrize("kw", [{}, {"temperature": 0.5, "top_p": 0.8}])
+def test_logprobs_are_the_models_teacher_forced_log_probs(setup, kw):
+    """Each new token's log p under the untempered model, whatever the sampling temperature / top-p."""
+    model, _, prefixes = setup
+    gens = engine(setup, batch_size=5, **kw).generate(prefixes, list(range(len(prefixes))), seed=3)
+    for p, g in zip(prefixes, gens):
+        assert len(g.logprobs) == len(g.ids) > 0
+        seq = torch.tensor([p + g.ids])
+        with torch.no_grad():
+            ref = model(seq).logits[0, len(p) - 1:-1].log_softmax(-1).gather(-1, seq[0, len(p):, None])[:, 0]
+        assert torch.allclose(torch.tensor(g.logprobs), ref, atol=1e-4), (g.logprobs, ref.tolist())
+        assert all(lp <= 0 for lp in g.logprobs)
+
+
 def test_bad_engine_config():
     for kw in [dict(batch_size=0), dict(temperature=-1.0), dict(top_p=0.0), dict(top_p=1.5),
                dict(max_new_tokens=0), dict(backend="vllm")]:

@@ -50,6 +50,7 @@ class EngineConfig:
 class Generation:
     ids: list[int]  # new tokens, eos included when the model stopped
     finished: bool  # False when max_new_tokens cut it off
+    logprobs: list[float] = field(default_factory=list)  # log p(token | context) of each new token under the model (temperature 1, no top-p)
 
 
 @dataclass
@@ -163,7 +164,8 @@ class HFRolloutEngine:
         finally:
             self.model.train(was_training)
         # Copies, so a caller editing one duplicate's ids does not edit the others.
-        out = [Generation(ids=list(results[s].ids), finished=results[s].finished) for s in slot]  # type: ignore[union-attr]
+        out = [Generation(ids=list(results[s].ids), finished=results[s].finished,  # type: ignore[union-attr]
+                          logprobs=list(results[s].logprobs)) for s in slot]  # type: ignore[union-attr]
         self.stats.requests += len(prefixes)
         self.stats.generated += len(todo)
         self.stats.generated_tokens += sum(len(g.ids) for g in results if g is not None)
@@ -194,9 +196,13 @@ class HFRolloutEngine:
         key_t = torch.tensor(keys, dtype=torch.int64, device=device)
         live = torch.arange(len(prefixes), device=device)  # batch row -> request index, for rows still running
         toks = torch.full((len(prefixes), limit), self.pad_id, dtype=torch.long, device=device)
+        lps = torch.zeros((len(prefixes), limit), dtype=torch.float32, device=device)
         for t in range(limit):
             tok = choose_tokens(logits, key_t, t, temperature, self.cfg.top_p, greedy)
             toks[live, t] = tok
+            # the model's own log-prob of the chosen token (estimators read the policy's confidence from it)
+            scores = logits.float()
+            lps[live, t] = scores.gather(-1, tok[:, None]).squeeze(1) - scores.logsumexp(-1)
             if t == limit - 1:
                 break
             going = tok != self.eos_id
@@ -213,9 +219,8 @@ class HFRolloutEngine:
             cache, logits = out.cache, out.logits[:, -1]
             next_pos = next_pos + 1
         gens = []
-        for row in toks.tolist():
-            if self.eos_id in row:
-                gens.append(Generation(ids=row[: row.index(self.eos_id) + 1], finished=True))
-            else:
-                gens.append(Generation(ids=row, finished=False))
+        for row, lp in zip(toks.tolist(), lps.tolist()):
+            finished = self.eos_id in row
+            n = row.index(self.eos_id) + 1 if finished else limit
+            gens.append(Generation(ids=row[:n], finished=finished, logprobs=lp[:n]))
         return gens

@@ -35,6 +35,7 @@ class Trajectory:
     text: str = ""  # decoded completion, for logs
     first_error: int | None = None  # ground-truth first wrong step, where the benchmark knows it
     uid: int = 0  # index of the trajectory within its round
+    token_logprobs: list[float] | None = None  # the policy's log p of each completion token when sampled (None: engine gave none)
 
     @property
     def n_steps(self) -> int:
@@ -50,6 +51,14 @@ class Trajectory:
     def prefix_ids(self, i: int) -> list[int]:
         """Token-exact prefix i: prompt + completion tokens of steps 0..i-1."""
         return self.prompt_ids + self.completion_ids[: self.prefix_len(i)]
+
+    def step_confidence(self) -> list[float]:
+        """Per step, the log-prob of its least likely token: where the sample took a chance."""
+        lp = self.token_logprobs
+        if lp is None or len(lp) != len(self.completion_ids):
+            raise ValueError(f"trajectory {self.uid} has no token log-probs for its {len(self.completion_ids)} "
+                             "completion tokens; the confidence prior needs a rollout engine that returns them")
+        return [min(lp[self.step_start(i): end], default=0.0) for i, end in enumerate(self.step_ends)]
 
 
 @dataclass(frozen=True)

@@ -181,7 +181,10 @@ class GPORoundCallback(pl.Callback):
         for i, t in enumerate(data.trajectories):
             rec: dict[str, Any] = {"uid": t.uid, "prompt": t.row.get("prompt"), "answer": t.row.get("answer"),
                                    "reward": t.reward, "steps": step_texts(t.completion_ids, t.step_ends, tok),
-                                   "first_error": t.first_error}
+                                   "first_error": t.first_error,
+                                   # each step's least likely token (log p): where the sample took a chance
+                                   "step_min_logprob": ([round(x, 3) for x in t.step_confidence()]
+                                                        if t.token_logprobs is not None else None)}
             if data.localizations is not None:
                 loc = data.localizations[i]
                 rec.update({"values": loc.values, "advantages": loc.advantages, "critical": loc.critical,
