@@ -39,6 +39,7 @@ def test_gpo_dpo_round_builds_prefix_sharing_pairs_and_changes_the_policy(compos
     explored = [t for t in trajs if t["status"] != "skipped"]
     assert explored and all(len(t["values"]) == len(t["steps"]) + 1 for t in explored)
     assert all(t["values"][-1] == t["reward"] for t in explored)
+    assert all(len(t["step_min_logprob"]) == len(t["steps"]) and max(t["step_min_logprob"]) <= 0 for t in trajs)
     # a GPO pair shares its prefix: chosen and rejected start with the same text
     pairs = [json.loads(l) for l in (tmp_path / "rounds" / "round001_examples.jsonl").read_text().splitlines()]
     assert len(pairs) == summary["gpo/pairs"] and any(p["prefix_len"] > 0 for p in pairs)
@@ -82,6 +83,13 @@ def test_the_default_config_has_a_shipped_warm_start(compose):
     cfg.warm_start.cache_dir = "/nonexistent-cache-dir"  # skip the user cache: only the shipped copy may answer
     _, _, info = warm_start(cfg.model, BENCHMARKS.build(asdict(cfg.benchmark)), cfg.warm_start)
     assert info["source"] == "shipped" and (SHIPPED / info["key"] / "done").exists()
+
+
+def test_confidence_estimator_resets_without_estimation_rollouts(compose, tmp_path):
+    _, summary = _run(compose, tmp_path, ["estimator=confidence"])
+    assert summary["gpo/explored"] > 0 and summary["gpo/pairs"] > 0
+    assert summary["gpo/rollouts_per_trajectory"] == 0 and summary["gpo/rollout_tokens_per_trajectory"] == 0
+    assert summary["gpo/critical_agrees_first_error"] > 0.5  # the policy's least likely token marks its errors
 
 
 def test_reference_agreement_is_logged_without_touching_the_run(compose, tmp_path):

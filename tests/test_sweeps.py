@@ -32,7 +32,7 @@ from tests.conftest import CONF_DIR
 ROOT = CONF_DIR.parent
 SWEEPS = ROOT / "sweeps"
 OPTS = ("dpo", "kto", "simpo", "orpo", "ppo", "grpo")
-JOBS = {"main": 36, "reset": 12, "k": 15, "budget": 6, "smoke": 12, "probe_temperature": 9}  # grid sweeps -> number of runs
+JOBS = {"main": 36, "reset": 15, "k": 15, "budget": 6, "smoke": 12, "probe_temperature": 9}  # grid sweeps -> number of runs
 OPTUNA = "optuna"  # the one non-grid sweep (needs hydra-optuna-sweeper)
 # Until the lead ships the warm-start checkpoint, a tiny warm start (20 steps of 16) keeps the slow test
 # in minutes; accuracy is then ~0, which the test does not check.
@@ -116,7 +116,8 @@ def test_main_is_every_optimizer_with_and_without_gpo(sweep_jobs):
 def test_reset_compares_estimators_on_gpo_dpo(sweep_jobs):
     jobs = sweep_jobs("reset")
     assert _arms(jobs) == {("gpo-dpo", e, k, s) for e, k in (("mc", 4), ("random", None), ("bisect", 4),
-                                                               ("adaptive", 4)) for s in (0, 1, 2)}
+                                                               ("adaptive", 4), ("confidence", None))
+                           for s in (0, 1, 2)}
     assert "gpo-dpo/random-k0/arith/seed2" in {c.hydra.sweep.subdir for c in jobs}  # random has no K
 
 

@@ -3,7 +3,7 @@
     python -m gpo_exp.bench.estimators [--prompts 200] [--seed 0] [--arms mc:k=4:reuse_siblings=false,adaptive:k_max=16]
 
 On arith the step checker knows each failed trajectory's first wrong step. For the same failed
-trajectories of the warm-started policy, every estimator (mc at several K, bisect, adaptive, random)
+trajectories of the warm-started policy, every estimator (mc at several K, bisect, adaptive, confidence, random)
 locates a critical step; the table reports agreement with the first wrong step and with mc at K=16
 (the reference), rollouts and generated tokens per trajectory, and seconds. Tie-breaks are random.
 """
@@ -23,11 +23,10 @@ from gpo_exp.rollout.sampler import PolicySampler
 from gpo_exp.training.warmstart import WarmStartConfig, warm_start
 
 # reuse_siblings=False is the paper's mc; True adds free samples from the prompt's other trajectories.
-OFF = {"k_root": None, "risk": None}  # adaptive without calibration: k_max draws everywhere (the early defaults)
 ARMS = [("mc", {"k": 4, "reuse_siblings": False}), ("mc", {"k": 8, "reuse_siblings": False}),
         ("mc", {"k": 16, "reuse_siblings": False}), ("mc", {"k": 4}), ("bisect", {"k": 4}),
-        ("adaptive", {"k_max": 8, "batch": 1, **OFF}), ("adaptive", {"k_max": 16, "batch": 2, **OFF}),
-        ("adaptive", {"k_max": 32, "batch": 4, **OFF}), ("adaptive", {}), ("random", {})]
+        ("adaptive", {"prior": "none", "k_root": 24}),  # plain calibrated bisection (the previous default)
+        ("adaptive", {}), ("confidence", {}), ("random", {})]
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -9,7 +9,9 @@ the advantage of step i. Resetting to prefix `critical` regenerates the critical
   random    Satori-style ablation: a uniformly random step, no rollouts.
   bisect    OmegaPRM-style binary search for where V collapses to 0 (K rollouts per probe).
   adaptive  bisection with sequential probes: draw until the first success (V > 0 proven) or k_max
-            failures (V ~ 0); finds the first wrong step more reliably than mc at fewer tokens.
+            failures (V ~ 0); finds the first wrong step more reliably than mc at fewer tokens. With
+            prior=confidence it probes first around the step holding the policy's least likely token.
+  confidence  no rollouts: the step holding the least likely token the policy sampled (the prior alone).
 
 Every estimator gathers its requests across all trajectories and calls the sampler once per wave, and
 never samples a prefix twice: draws are cached per (uid, step) and extended with a larger offset.
@@ -28,6 +30,7 @@ from gpo_exp.rollout.types import Continuation, ContinuationSampler, Job, Locali
 SELECTS = ("abs", "signed", "value")
 TIE_BREAKS = ("random", "earliest")
 EXPLORES = ("failed", "all")
+PRIORS = ("none", "confidence")
 
 
 @dataclass
@@ -35,7 +38,7 @@ class EstimatorConfig:
     """Fields every estimator has; `random` ignores k and select, bisect/adaptive use them only for
     the mc fallback on successful trajectories (explore=all)."""
 
-    name: str = "mc"  # registry name: mc | random | bisect | adaptive
+    name: str = "mc"  # registry name: mc | random | bisect | adaptive | confidence
     k: int = 4  # continuations per estimated prefix (paper: K=4)
     select: str = "abs"  # abs: argmax |A_i| (paper) | signed: argmin A_i (largest drop) | value: argmax_{i<n} V_i (authors' early code: the most promising prefix)
     tie_break: str = "random"  # among equal scores: random (seeded per trajectory) | earliest
@@ -58,8 +61,9 @@ class AdaptiveConfig(EstimatorConfig):
     name: str = "adaptive"
     k_max: int = 32  # most draws per probe; a prefix with success rate p is misjudged as dead w.p. (1-p)^k_max
     batch: int = 2  # draws per open probe per wave (raise for fewer, larger generate calls)
-    k_root: int | None = 24  # most draws at the prompt before calling the trajectory undetermined (null: k_max)
+    k_root: int | None = 64  # most draws at a probe while no live prefix is known (plain bisection: the prompt) (null: k_max)
     risk: float | None = 0.05  # calibrated probes: draw until P(dead verdict | V = c) <= risk, c = the prompt's smoothed success rate (null: always k_max)
+    prior: str = "confidence"  # which boundary to test first: confidence (around the step with the least likely sampled token) | none (plain bisection)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -67,6 +71,7 @@ class AdaptiveConfig(EstimatorConfig):
         check(self.batch >= 1, "estimator.batch", self.batch, ">= 1")
         check(self.k_root is None or self.k_root >= 1, "estimator.k_root", self.k_root, ">= 1 or null")
         check(self.risk is None or 0 < self.risk < 1, "estimator.risk", self.risk, "in (0, 1) or null")
+        check(self.prior in PRIORS, "estimator.prior", self.prior, f"one of {', '.join(PRIORS)}")
 
 
 ESTIMATORS: Registry["Estimator"] = Registry("estimator")
@@ -302,7 +307,13 @@ class AdaptiveEstimator(Estimator):
     differences). No local refinement is needed: a "live" verdict is exact, and under the monotone-value
     assumption (a wrong intermediate result is never recovered) the boundary lo/lo+1 is the first error.
 
-    V_0 judged 0 -> undetermined; successful trajectories (explore=all) -> mc fallback, as in bisect.
+    prior=confidence orders the search by the policy's own token log-probs: a sampled error is usually
+    a token the policy thought unlikely, so the first hypothesis tested is "the step holding the least
+    likely token is the first error" (prefix before it alive, prefix after it dead: two probes). The
+    probes still decide; a wrong hypothesis only moves the search into the half the probes point to.
+
+    All probed prefixes judged 0 -> undetermined; successful trajectories (explore=all) -> mc fallback,
+    as in bisect.
     """
 
     cfg: AdaptiveConfig
@@ -311,8 +322,10 @@ class AdaptiveEstimator(Estimator):
         if traj.reward > 0:
             return (yield from self._mc_plan(traj, draws, rng))
 
-        def probe(step: int) -> Generator[list[Request], None, bool]:
-            cap = (self.cfg.k_root or self.cfg.k_max) if step == 0 else self._probe_cap(draws.get(traj, 0))
+        def probe(step: int, ref: int | None = 0) -> Generator[list[Request], None, bool]:
+            """Is prefix `step` alive? At most k_root draws without a known live prefix `ref` (or at the
+            prompt), else as many as `ref`'s success rate calls for (_probe_cap)."""
+            cap = (self.cfg.k_root or self.cfg.k_max) if ref is None or step == 0 else self._probe_cap(draws.get(traj, ref))
             while True:
                 got = draws.get(traj, step)
                 if any(c.reward > 0 for c in got):
@@ -321,20 +334,64 @@ class AdaptiveEstimator(Estimator):
                     return False
                 yield [(step, min(self.cfg.batch, cap - len(got)))]
 
-        return (yield from self._bisect(traj, probe, rng))
+        if self.cfg.prior == "none":
+            return (yield from self._bisect(traj, probe, rng))
+        return (yield from self._guided(traj, draws, probe, rng))
 
-    def _probe_cap(self, root: Sequence[Continuation]) -> int:
-        """Draws a later probe may take before its prefix is called dead.
+    def _guided(self, traj: Trajectory, draws: Draws, probe: Callable[..., Generator[list[Request], None, bool]],
+                rng: np.random.Generator) -> Plan:
+        """Search for the live/dead boundary, testing the least confident step left first.
 
-        Fixed k_max, or with `risk` set: enough draws that a prefix as good as the prompt (smoothed
-        success rate c = (s + 1) / (n + 2) of the prompt's draws) is misjudged dead with probability
-        (1 - c)^k <= risk. Easy steps before the first error keep V near the prompt's value, so the
-        prompt calibrates the probes: few draws for prompts the policy usually solves, more for hard ones.
+        Invariant: prefix lo is alive (None: none known yet), prefix hi is dead (hi starts at n, the failed
+        trajectory). Each round tests "step c is the boundary" for the least confident step c in [lo, hi):
+        prefix c alive (skipped when c == lo) and prefix c + 1 dead (skipped when c + 1 == hi). Either
+        answer shrinks [lo, hi); the search ends at hi = lo + 1 (critical = lo) or hi = 0 (every prefix
+        down to the prompt dead: undetermined).
+        """
+        conf = traj.step_confidence()
+        # a sibling's success (reuse_siblings) already proves the prompt alive and calibrates the probes
+        lo: int | None = 0 if any(c.reward > 0 for c in draws.get(traj, 0)) else None
+        hi = traj.n_steps
+        while lo is None or hi - lo > 1:
+            c = min(range(lo or 0, hi), key=lambda i: (conf[i], i))
+            if lo is None or c > lo:
+                if not (yield from probe(c, ref=lo)):
+                    hi = c
+                    if hi == 0:
+                        return self._undetermined(traj, rng)
+                    continue
+                lo = c
+            if c + 1 < hi:
+                if (yield from probe(c + 1, ref=lo)):
+                    lo = c + 1
+                else:
+                    hi = c + 1
+        return lo, "located"
+
+    def _probe_cap(self, ref: Sequence[Continuation]) -> int:
+        """Draws a probe may take before its prefix is called dead.
+
+        Fixed k_max, or with `risk` set: enough draws that a prefix as good as a live reference prefix
+        (smoothed success rate c = (s + 1) / (n + 2) of its draws; the prompt in plain bisection, the
+        nearest live prefix below with the confidence prior) is misjudged dead with probability
+        (1 - c)^k <= risk. Correct steps keep V near the reference's value, so it calibrates the probes:
+        few draws for prompts the policy usually solves, more for hard ones.
         """
         if self.cfg.risk is None:
             return self.cfg.k_max
-        c = (sum(x.reward > 0 for x in root) + 1) / (len(root) + 2)
+        c = (sum(x.reward > 0 for x in ref) + 1) / (len(ref) + 2)
         return max(1, min(self.cfg.k_max, math.ceil(math.log(self.cfg.risk) / math.log(1 - c))))
+
+
+@ESTIMATORS.register("confidence", EstimatorConfig)
+class ConfidenceEstimator(Estimator):
+    """The prior alone, no rollouts: the step holding the least likely token the policy sampled
+    (min over the step's tokens of log p; ties by tie_break). Needs the engine's token log-probs."""
+
+    def plan(self, traj: Trajectory, draws: Draws, rng: np.random.Generator) -> Plan:
+        conf = np.asarray(traj.step_confidence())
+        return self._tie(np.flatnonzero(conf == conf.min()).tolist(), rng), "located"
+        yield []  # unreachable: makes this a generator that requests nothing
 
 
 # --- diagnostics ----------------------------------------------------------------------------------
