@@ -293,6 +293,9 @@ def _varying_estimator_fields(runs: Sequence[Run]) -> dict[str, list[str]]:
     return out
 
 
+K_ESTIMATORS = ("mc", "bisect")  # estimators whose K (draws per probed prefix) labels the arm
+
+
 def group_arms(runs: Iterable[Run]) -> list[Arm]:
     """Arms in table order: per base optimizer X, then GPO-X variants (most runs first)."""
     groups: dict[tuple[str, bool], list[Run]] = defaultdict(list)
@@ -311,7 +314,8 @@ def group_arms(runs: Iterable[Run]) -> list[Arm]:
         vary_name = len({name for name, _, _ in variants}) > 1
         vary_k = len({k for _, k, _ in variants}) > 1
         for (name, k, fields), vruns in variants.items():
-            parts = ([name] if vary_name else []) + ([f"K={k}"] if vary_k else []) + [f"{f}={v}" for f, v in fields]
+            show_k = vary_k and name in K_ESTIMATORS  # random/confidence have no K; adaptive's is only its mc fallback
+            parts = ([name] if vary_name else []) + ([f"K={k}"] if show_k else []) + [f"{f}={v}" for f, v in fields]
             arms.append(Arm(nice + (f" ({', '.join(parts)})" if parts else ""), base, gpo, vruns))
     rank = {name: i for i, name in enumerate(ORDER)}
     arms.sort(key=lambda a: (rank.get(a.base, len(ORDER)), a.base, a.gpo, -len(a.runs), a.label))

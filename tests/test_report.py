@@ -20,7 +20,7 @@ KTO = [0.40, 0.46]
 GPO_KTO = [0.44, 0.50, 0.53]
 
 
-def _write_run(root: Path, rel: str, *, opt: str, gpo: bool, seed: int, acc: float, est: str = "mc", k: int = 4,
+def _write_run(root: Path, rel: str, *, opt: str, gpo: bool, seed: int, acc: float, est: str = "mc", k: int | None = 4,
                extra: dict | None = None, est_fields: dict | None = None) -> None:
     d = root / rel
     (d / ".hydra").mkdir(parents=True)
@@ -172,6 +172,16 @@ def test_k_variants_get_rows(tmp_path: Path) -> None:
     rep = build_report(tmp_path, metric="eval/accuracy_after")
     assert [a.label for a in rep.arms] == ["GPO-SimPO (K=4)", "GPO-SimPO (K=8)"]
     assert rep.row("GPO-SimPO (K=8)", "arith").ci95 == 0.0
+
+
+def test_k_labels_only_estimators_that_have_one(tmp_path: Path) -> None:
+    """K is mc's and bisect's knob; random and confidence have none, adaptive's k is only its mc fallback."""
+    for est, k in (("mc", 4), ("mc", 8), ("bisect", 4), ("adaptive", 4), ("confidence", None), ("random", None)):
+        _write_run(tmp_path, f"{est}{k}", opt="dpo", gpo=True, seed=0, acc=0.5, est=est, k=k)
+    rep = build_report(tmp_path, metric="eval/accuracy_after")
+    assert sorted(a.label for a in rep.arms) == [
+        "GPO-DPO (adaptive)", "GPO-DPO (bisect, K=4)", "GPO-DPO (confidence)", "GPO-DPO (mc, K=4)",
+        "GPO-DPO (mc, K=8)", "GPO-DPO (random)"]
 
 
 def test_other_estimator_fields_that_vary_split_arms(tmp_path: Path) -> None:

@@ -2,7 +2,7 @@
 
     python -m gpo_exp.bench.offline_pairs [--objectives dpo,ipo,kto,orpo,sft] [--lrs 1e-5,1e-4]
                                           [--steps 40] [--batch 32] [--prompts 512] [--lora 0] [--n-embd 128] [--set beta=1.0]
-                                          [--mask completion|divergence_step|divergence_token]
+                                          [--mask completion|divergence_step|divergence_token] [--temperature 1.0]
 
 Samples 4 trajectories for each of `--prompts` training prompts with the warm-started policy,
 builds whole-trajectory examples (the baseline arm's data) once, then for every (objective, lr)
@@ -40,8 +40,9 @@ from gpo_exp.training.objectives import OPTIMIZERS
 from gpo_exp.training.warmstart import WarmStartConfig, warm_start
 
 
-def _sampler(model, tok, bench, seed: int = 0) -> PolicySampler:
-    engine = HFRolloutEngine(model.eval(), eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, cfg=EngineConfig(),
+def _sampler(model, tok, bench, seed: int = 0, temperature: float = 1.0) -> PolicySampler:
+    engine = HFRolloutEngine(model.eval(), eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                             cfg=EngineConfig(temperature=temperature),
                              default_max_new_tokens=bench.cfg.max_new_tokens)
     return PolicySampler(engine, tok, bench, bench.cfg.steps, seed=seed)
 
@@ -124,6 +125,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                     help="optimizer config override for every objective that has the field, e.g. --set beta=1.0")
     ap.add_argument("--mask", default="completion", choices=MASKS,
                     help="pairwise losses only: train on the whole completion, or only where chosen and rejected first differ")
+    ap.add_argument("--temperature", type=float, default=1.0,
+                    help="sampling temperature of the training trajectories (evaluation samples stay at 1.0)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for the tiny model)")
     args = ap.parse_args(argv)
@@ -142,13 +145,17 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     test = bench.load("test")[: args.test_rows]
     train_rows = bench.load("train")
     before = _accuracy(base, tok, bench, test)
-    trajs = _sampler(base, tok, bench, seed=args.seed + 1).trajectories(train_rows[: args.prompts], 4)
+    if args.temperature <= 0:
+        raise SystemExit(f"--temperature {args.temperature}: must be > 0 (training pairs need sampled trajectories)")
+    trajs = _sampler(base, tok, bench, seed=args.seed + 1, temperature=args.temperature).trajectories(
+        train_rows[: args.prompts], 4)
     groups = [Group(prompt_ids=trajs[i].prompt_ids, prefix_ids=[], uid=i // 4,
                     continuations=[Continuation(list(t.completion_ids), t.reward) for t in trajs[i: i + 4]])
               for i in range(0, len(trajs), 4)]
     gt = [(encode_prompt(tok, bench.prompt(r), True), tok(r["solution"], add_special_tokens=False).input_ids
            + [tok.eos_token_id]) for r in train_rows[: 5000]]
     print(f"warm start: greedy {before[0]:.3f}, sampled {before[1]:.3f} on {len(test)} test rows; mask {args.mask}; "
+          f"training samples at temperature {args.temperature:g}: "
           f"{len(trajs)} trajectories, train accuracy {sum(t.reward for t in trajs) / len(trajs):.3f}", flush=True)
     rows = []
     # log-prob shift of the sampled training trajectories themselves (summed over completion tokens):
