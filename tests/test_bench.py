@@ -48,6 +48,23 @@ def test_ref_logps_bench_takes_an_hf_model_shape():
     assert out["params"] == expected and out["steps/precomputed"] > 0 and out["steps/recomputed"] > 0
 
 
+def test_greedy_anchor_resets_each_greedy_failure_at_its_least_confident_step():
+    from gpo_exp.benchmarks import get
+    from gpo_exp.models.config import ModelConfig
+    from gpo_exp.training.warmstart import WarmStartConfig, warm_start
+
+    bench = get("arith")
+    base, tok, _ = warm_start(ModelConfig(), bench, WarmStartConfig())
+    trajs, groups = offline_pairs.greedy_groups(base, tok, bench, bench.load("train")[:60], seed=1, temperature=1.0, m=3)
+    failed = [t for t in trajs if t.reward == 0]
+    assert len(trajs) == 60 and 0 < len(failed) == len(groups) < 30  # the warm start solves ~84% greedily
+    for t, g in zip(failed, groups):
+        conf = t.step_confidence()
+        assert g.step == conf.index(min(conf)) and g.prefix_ids == t.completion_ids[: t.prefix_len(g.step)]
+        assert len(g.continuations) == 4 and g.continuations[-1].reward == 0.0
+        assert g.prefix_ids + g.continuations[-1].ids == t.completion_ids  # greedy's own continuation
+
+
 def test_offline_pairs_set_needs_key_value():
     with pytest.raises(SystemExit, match="KEY=VALUE"):
         offline_pairs.main(["--set", "beta", "--prompts", "1", "--test-rows", "1"])

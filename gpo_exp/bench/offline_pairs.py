@@ -3,6 +3,7 @@
     python -m gpo_exp.bench.offline_pairs [--objectives dpo,ipo,kto,orpo,sft] [--lrs 1e-5,1e-4]
                                           [--steps 40] [--batch 32] [--prompts 512] [--lora 0] [--n-embd 128] [--set beta=1.0]
                                           [--mask completion|divergence_step|divergence_token] [--temperature 1.0]
+                                          [--anchor sampled|greedy]
 
 Samples 4 trajectories for each of `--prompts` training prompts with the warm-started policy,
 builds whole-trajectory examples (the baseline arm's data) once, then for every (objective, lr)
@@ -12,7 +13,9 @@ incorrect trajectories moved (mean over trajectories, summed over completion tok
 control: supervised steps on the benchmark's ground-truth solutions at the same lr and batch, i.e.
 what a signal known to be useful does. `--mask` narrows a pairwise loss to where chosen and rejected
 first differ: that token's whole step (line), or the token alone; it tests whether the loss is
-harmed by training on the tokens after the divergence.
+harmed by training on the tokens after the divergence. `--anchor greedy` builds the examples from
+what greedy evaluation gets wrong instead: each prompt's greedy solution, and where it fails, samples
+from the prefix before its least confident step, greedy's own continuation being one more rejected.
 """
 from __future__ import annotations
 
@@ -32,8 +35,9 @@ from gpo_exp.models.lora import policy_and_reference
 from gpo_exp.models.prompting import encode_prompt
 from gpo_exp.rollout.engine import EngineConfig, HFRolloutEngine
 from gpo_exp.rollout.evaluate import evaluate
+from gpo_exp.rollout.estimators import ESTIMATORS
 from gpo_exp.rollout.sampler import PolicySampler
-from gpo_exp.rollout.types import Continuation, Group
+from gpo_exp.rollout.types import Continuation, Group, Job, Trajectory
 from gpo_exp.training.batching import pad_sequences, score_sequences, sequence_logps
 from gpo_exp.training.module import adamw
 from gpo_exp.training.objectives import OPTIMIZERS
@@ -53,6 +57,29 @@ def _accuracy(model, tok, bench, rows) -> tuple[float, float]:
 
 
 MASKS = ("completion", "divergence_step", "divergence_token")
+ANCHORS = ("sampled", "greedy")
+
+
+def sampled_groups(base, tok, bench, rows, seed: int, temperature: float) -> tuple[list[Trajectory], list[Group]]:
+    """4 samples per prompt, one group of whole trajectories per prompt (the baseline arm's data)."""
+    trajs = _sampler(base, tok, bench, seed, temperature).trajectories(rows, 4)
+    return trajs, [Group(prompt_ids=trajs[i].prompt_ids, prefix_ids=[], uid=i // 4,
+                         continuations=[Continuation(list(t.completion_ids), t.reward) for t in trajs[i: i + 4]])
+                   for i in range(0, len(trajs), 4)]
+
+
+def greedy_groups(base, tok, bench, rows, seed: int, temperature: float, m: int = 8) -> tuple[list[Trajectory], list[Group]]:
+    """Pairs aimed at what greedy evaluation gets wrong: each prompt's greedy solution; where it fails,
+    m samples from the prefix before its least confident step, with greedy's own continuation as one
+    more (incorrect) candidate."""
+    trajs = _sampler(base, tok, bench, seed, 0.0).trajectories(rows, 1)
+    failed = [t for t in trajs if t.reward == 0]
+    sampler = _sampler(base, tok, bench, seed, temperature)
+    steps = [loc.critical for loc in ESTIMATORS.build({"name": "confidence"}).locate(failed, sampler, seed)]
+    fresh = sampler([Job(t, s, m) for t, s in zip(failed, steps)])
+    return trajs, [Group(prompt_ids=t.prompt_ids, prefix_ids=t.completion_ids[: t.prefix_len(s)], uid=t.uid, step=s,
+                         continuations=new + [Continuation(t.completion_ids[t.prefix_len(s):], 0.0)])
+                   for t, s, new in zip(failed, steps, fresh)]
 
 
 def mask_divergence(example: dict[str, Any], newline_id: int, whole_step: bool) -> None:
@@ -125,6 +152,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                     help="optimizer config override for every objective that has the field, e.g. --set beta=1.0")
     ap.add_argument("--mask", default="completion", choices=MASKS,
                     help="pairwise losses only: train on the whole completion, or only where chosen and rejected first differ")
+    ap.add_argument("--anchor", default="sampled", choices=ANCHORS,
+                    help="sampled: 4 samples per prompt, whole trajectories; greedy: reset greedy's failures at their "
+                         "least confident step (8 samples there; greedy's continuation is one more rejected)")
     ap.add_argument("--temperature", type=float, default=1.0,
                     help="sampling temperature of the training trajectories (evaluation samples stay at 1.0)")
     ap.add_argument("--seed", type=int, default=0)
@@ -147,15 +177,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     before = _accuracy(base, tok, bench, test)
     if args.temperature <= 0:
         raise SystemExit(f"--temperature {args.temperature}: must be > 0 (training pairs need sampled trajectories)")
-    trajs = _sampler(base, tok, bench, seed=args.seed + 1, temperature=args.temperature).trajectories(
-        train_rows[: args.prompts], 4)
-    groups = [Group(prompt_ids=trajs[i].prompt_ids, prefix_ids=[], uid=i // 4,
-                    continuations=[Continuation(list(t.completion_ids), t.reward) for t in trajs[i: i + 4]])
-              for i in range(0, len(trajs), 4)]
+    build = greedy_groups if args.anchor == "greedy" else sampled_groups
+    trajs, groups = build(base, tok, bench, train_rows[: args.prompts], args.seed + 1, args.temperature)
     gt = [(encode_prompt(tok, bench.prompt(r), True), tok(r["solution"], add_special_tokens=False).input_ids
            + [tok.eos_token_id]) for r in train_rows[: 5000]]
     print(f"warm start: greedy {before[0]:.3f}, sampled {before[1]:.3f} on {len(test)} test rows; mask {args.mask}; "
-          f"training samples at temperature {args.temperature:g}: "
+          f"{args.anchor} anchor, training samples at temperature {args.temperature:g}: {len(groups)} groups, "
           f"{len(trajs)} trajectories, train accuracy {sum(t.reward for t in trajs) / len(trajs):.3f}", flush=True)
     rows = []
     # log-prob shift of the sampled training trajectories themselves (summed over completion tokens):
