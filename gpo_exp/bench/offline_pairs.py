@@ -35,7 +35,7 @@ from gpo_exp.models.lora import policy_and_reference
 from gpo_exp.models.prompting import encode_prompt
 from gpo_exp.rollout.engine import EngineConfig, HFRolloutEngine
 from gpo_exp.rollout.evaluate import evaluate
-from gpo_exp.rollout.estimators import ESTIMATORS
+from gpo_exp.rollout.estimators import ESTIMATORS, agreement
 from gpo_exp.rollout.sampler import PolicySampler
 from gpo_exp.rollout.types import Continuation, Group, Job, Trajectory
 from gpo_exp.training.batching import pad_sequences, score_sequences, sequence_logps
@@ -75,7 +75,11 @@ def greedy_groups(base, tok, bench, rows, seed: int, temperature: float, m: int 
     trajs = _sampler(base, tok, bench, seed, 0.0).trajectories(rows, 1)
     failed = [t for t in trajs if t.reward == 0]
     sampler = _sampler(base, tok, bench, seed, temperature)
-    steps = [loc.critical for loc in ESTIMATORS.build({"name": "confidence"}).locate(failed, sampler, seed)]
+    locs = ESTIMATORS.build({"name": "confidence"}).locate(failed, sampler, seed)
+    agree = agreement(locs, failed)
+    print(f"greedy anchor: {len(failed)} of {len(trajs)} greedy solutions fail; their least confident step is the "
+          f"first wrong one {agree['hits']} / {agree['n']} times", flush=True)
+    steps = [loc.critical for loc in locs]
     fresh = sampler([Job(t, s, m) for t, s in zip(failed, steps)])
     return trajs, [Group(prompt_ids=t.prompt_ids, prefix_ids=t.completion_ids[: t.prefix_len(s)], uid=t.uid, step=s,
                          continuations=new + [Continuation(t.completion_ids[t.prefix_len(s):], 0.0)])
