@@ -33,7 +33,7 @@ SHIPPED = Path(__file__).resolve().parent.parent / "assets" / "warmstart"  # che
 @dataclass
 class WarmStartConfig:
     enabled: bool = True  # run (or load) the supervised warm start before GPO
-    steps: int = 600  # optimizer steps of supervised fine-tuning (calibrated: ~50% sampled accuracy on arith)
+    steps: int = 600  # optimizer steps of supervised fine-tuning (600 on arith: 84% greedy, 72% sampled test accuracy)
     batch_size: int = 64  # sequences per step
     lr: float = 3e-3  # peak AdamW learning rate (linear warmup, cosine decay)
     warmup_steps: int = 50  # linear warmup steps
