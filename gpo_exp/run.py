@@ -66,6 +66,7 @@ def make_loggers(cfg: Resolved, run_dir: Path, config: dict[str, Any]) -> list[A
 def train(cfg: Resolved, run_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
     """The whole experiment; returns the summary (also written to run_dir/summary.json)."""
     from gpo_exp.benchmarks import BENCHMARKS
+    from gpo_exp.models import disable_dropout
     from gpo_exp.models.lora import is_lora, policy_and_reference
     from gpo_exp.rollout.engine import HFRolloutEngine
     from gpo_exp.rollout.estimators import ESTIMATORS
@@ -94,6 +95,8 @@ def train(cfg: Resolved, run_dir: Path, config: dict[str, Any]) -> dict[str, Any
     ws_s = time.perf_counter() - t0
     log.info("warm start: %s (%.1fs)", ws["source"], ws_s)
 
+    if cfg.model.disable_dropout and (n := disable_dropout(policy)):
+        log.info("dropout: zeroed %d dropout rates in the policy (model.disable_dropout)", n)
     objective = OPTIMIZERS.build(asdict(cfg.optimizer))
     policy, ref = policy_and_reference(policy, cfg.model.lora_r, cfg.model.lora_alpha, cfg.model.lora_dropout,
                                        cfg.model.lora_target_modules, reference=objective.uses_reference)

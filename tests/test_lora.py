@@ -79,7 +79,8 @@ def test_lora_settings_do_not_change_the_warm_start_cache_key():
 
     ws = WarmStartConfig()
     assert (warm_start_key(ModelConfig(), ArithConfig(), ws)
-            == warm_start_key(ModelConfig(lora_r=8, lora_alpha=32), ArithConfig(), ws))
+            == warm_start_key(ModelConfig(lora_r=8, lora_alpha=32), ArithConfig(), ws)
+            == warm_start_key(ModelConfig(disable_dropout=False), ArithConfig(), ws))
     assert warm_start_key(ModelConfig(), ArithConfig(), ws) != warm_start_key(ModelConfig(n_layer=2), ArithConfig(), ws)
 
 

@@ -99,6 +99,24 @@ def test_missing_local_dir_and_package_fail(tmp_path: Path) -> None:
         package_dir("no_such_pkg_xyz")
 
 
+def test_disable_dropout_makes_training_mode_deterministic() -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from gpo_exp.models import disable_dropout
+
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50, n_positions=32,
+                                      resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1)).train()
+    x = torch.randint(0, 50, (2, 12))
+    assert not torch.equal(gpt2(x).logits, gpt2(x).logits)  # dropout on: two passes differ
+    assert disable_dropout(gpt2) == 2 * 3 + 1  # per block: attn, resid (attn out), resid (mlp); plus embeddings
+    assert torch.equal(gpt2(x).logits, gpt2.eval()(x).logits)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=2, attention_dropout=0.1))
+    assert disable_dropout(llama) == 2 and all(getattr(m, "attention_dropout", 0.0) == 0.0 for m in llama.modules())
+    assert disable_dropout(llama) == 0  # idempotent
+
+
 def test_yaml_presets_merge_onto_model_config() -> None:
     smol = to_dataclass(ModelConfig, OmegaConf.load(CONF / "smollm2_135m.yaml"), prefix="model")
     assert (smol.name, smol.source, smol.package, smol.path, smol.gguf_file, smol.chat_template) == (

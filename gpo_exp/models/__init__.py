@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from gpo_exp.models.config import ModelConfig
@@ -18,4 +19,18 @@ def build_base(cfg: ModelConfig, texts: Sequence[str]) -> tuple[PreTrainedModel,
     return load_hub(cfg)
 
 
-__all__ = ["ModelConfig", "build_base", "load_hub"]
+def disable_dropout(model: nn.Module) -> int:
+    """Zero every dropout in `model`: dropout modules and attention-dropout rates kept as floats (Llama,
+    Qwen). Returns how many were non-zero. The reference scores in eval mode; a policy scored with
+    dropout would see its log-probs shifted against it, and preference losses read that as signal."""
+    changed = 0
+    for m in model.modules():
+        if isinstance(m, (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)) and m.p > 0:
+            m.p, changed = 0.0, changed + 1
+        rate = getattr(m, "attention_dropout", None)
+        if isinstance(rate, float) and rate > 0:
+            m.attention_dropout, changed = 0.0, changed + 1
+    return changed
+
+
+__all__ = ["ModelConfig", "build_base", "disable_dropout", "load_hub"]

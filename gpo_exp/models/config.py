@@ -26,6 +26,7 @@ class ModelConfig:
     lora_alpha: float = 16.0  # LoRA scaling numerator (update scale alpha / r)
     lora_dropout: float = 0.0  # dropout on the LoRA branch
     lora_target_modules: list[str] | None = None  # module names to adapt; null: peft's default for the architecture
+    disable_dropout: bool = True  # zero the policy's dropout before training (as TRL does): its log-probs would be noisy against the dropout-free reference
 
     def __post_init__(self) -> None:
         check(self.source in SOURCES, "model.source", self.source, f"one of {', '.join(SOURCES)}")

@@ -58,8 +58,8 @@ def cache_key(*parts: Any) -> str:
 def warm_start_key(model_cfg: Any, benchmark_cfg: Any, cfg: WarmStartConfig) -> str:
     """Cache key of a warm start: only settings that change the trained weights enter it."""
     bench = {k: v for k, v in asdict(benchmark_cfg).items() if k not in ("steps", "max_new_tokens", "max_rows")}
-    # LoRA is applied after the warm start, so its settings do not change the warm-started weights.
-    model = {k: v for k, v in asdict(model_cfg).items() if not k.startswith("lora_")}
+    # LoRA and dropout removal are applied after the warm start: they do not change its weights.
+    model = {k: v for k, v in asdict(model_cfg).items() if not k.startswith("lora_") and k != "disable_dropout"}
     return cache_key(model, bench, {k: v for k, v in asdict(cfg).items() if k not in ("cache_dir", "force", "enabled")})
 
 
