@@ -38,13 +38,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     help="comma list of NAME[:key=value...] estimator arms (default: the standard table)")
     ap.add_argument("--reference-k", type=int, default=16,
                     help="K of the mc reference on independent samples (0: skip it, agree_mc16 is then nan)")
+    ap.add_argument("--n-embd", type=int, default=ModelConfig.n_embd, help="tiny model width (its warm start is trained if not cached)")
+    ap.add_argument("--n-head", type=int, default=ModelConfig.n_head, help="tiny model attention heads")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for the tiny model)")
     args = ap.parse_args(argv)
     arms = parse_arms(args.arms) if args.arms else ARMS
     torch.set_num_threads(args.threads)
 
     bench = get("arith")
-    model, tok, _ = warm_start(ModelConfig(), bench, WarmStartConfig())
+    model, tok, _ = warm_start(ModelConfig(n_embd=args.n_embd, n_head=args.n_head), bench, WarmStartConfig())
     engine = HFRolloutEngine(model, tok.eos_token_id, tok.pad_token_id, EngineConfig(),
                              default_max_new_tokens=bench.cfg.max_new_tokens)
     sampler = PolicySampler(engine, tok, bench, bench.cfg.steps, chat_template=False, seed=args.seed)
