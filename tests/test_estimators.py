@@ -319,6 +319,14 @@ def test_k_root_spends_more_on_the_prompt_before_giving_up():
     assert rooted["agreement"] > small["agreement"] + 0.3, (small, rooted)
 
 
+def test_grow_doubles_a_probes_draws_per_wave():
+    # the prompt never succeeds: k_root=64 draws in waves of 2 (32 calls) or 2, 2, 4, 8, 16, 32 (6 calls)
+    for grow, calls in ((False, 32), (True, 6)):
+        sampler = ScriptedSampler({0: [0.0] * 4})
+        (loc,) = adaptive(k_root=64, grow=grow).locate([traj(0, 4)], sampler, seed=0)
+        assert (loc.status, loc.rollouts, sampler.calls) == ("undetermined", 64, calls)
+
+
 # --- the confidence prior ------------------------------------------------------------------------
 def test_step_confidence_is_each_steps_least_likely_token():
     t = Trajectory([1], [5, 6, 7, 8, 9], 0.0, [2, 5], token_logprobs=[-0.1, -2.0, -0.3, -0.2, -0.5])
