@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 from transformers import AutoModelForCausalLM
@@ -78,6 +79,15 @@ def test_offline_pairs_rejects_ppo_with_the_allowed_list():
 def test_estimators_bench_without_reference_reports_nan_agreement():
     rows = estimators.main(["--prompts", "6", "--samples", "2", "--reference-k", "0", "--arms", "random"])
     assert math.isnan(rows[0]["agree_mc16"]) and rows[0]["tokens_per_traj"] == 0  # random spends no rollouts
+
+
+def test_estimators_bench_shows_late_misses(capsys: pytest.CaptureFixture[str]):
+    estimators.main(["--prompts", "20", "--samples", "2", "--reference-k", "0", "--arms", "random", "--show-misses", "2"])
+    shown = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[random]")]
+    assert len(shown) == 2  # deterministic for the seed: at most N, and this sample has more late misses
+    for line in shown:
+        first, crit = (int(x) for x in re.search(r"first wrong step (\d+), critical (\d+)", line).groups())
+        assert crit > first
 
 
 def test_mask_divergence_finds_the_first_differing_token_and_its_step():

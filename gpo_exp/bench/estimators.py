@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     help="K of the mc reference on independent samples (0: skip it, agree_mc16 is then nan)")
     ap.add_argument("--n-embd", type=int, default=ModelConfig.n_embd, help="tiny model width (its warm start is trained if not cached)")
     ap.add_argument("--n-head", type=int, default=ModelConfig.n_head, help="tiny model attention heads")
+    ap.add_argument("--show-misses", type=int, default=0, metavar="N",
+                    help="print N late misses per arm: steps, values, and a continuation that succeeded after the first error")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for the tiny model)")
     args = ap.parse_args(argv)
     arms = parse_arms(args.arms) if args.arms else ARMS
@@ -70,6 +72,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         tok0, t0 = engine.stats.generated_tokens, time.perf_counter()
         locs = [loc for loc, t in zip(est.locate(trajs, sampler, seed=args.seed), trajs) if id(t) in failed_set]
         secs = time.perf_counter() - t0
+        if args.show_misses:
+            _show_late(name, locs, failed, tok, args.show_misses)
         agree = agreement(locs, failed)["agreement"]
         crit = [loc.critical for loc in locs]
         results.append({
@@ -100,6 +104,23 @@ def parse_arms(spec: str) -> list[tuple[str, dict]]:
         name, *kvs = arm.split(":")
         out.append((name, dict(parse_key_value(kv, f"--arms {arm!r}") for kv in kvs)))
     return out
+
+
+def _show_late(name: str, locs: list, trajs: list, tok, n: int) -> None:
+    """Misses where the estimator's boundary lies after the first wrong step: what succeeded from there."""
+    shown = 0
+    for loc, t in zip(locs, trajs):
+        if shown == n or loc.status == "undetermined" or loc.critical <= t.first_error:
+            continue
+        shown += 1
+        values = ", ".join("-" if v is None else f"{v:.2f}" for v in loc.values)
+        print(f"[{name}] {t.row.get('prompt')!r} (answer {t.row.get('answer')}): {t.text!r}; first wrong step "
+              f"{t.first_error}, critical {loc.critical}; V = [{values}]")
+        for i in sorted(loc.samples):
+            wins = [c for c in loc.samples[i] if c.reward > 0]
+            if i > t.first_error and wins:
+                print(f"    succeeded from prefix {i}: {tok.decode(wins[0].ids, skip_special_tokens=True)!r}")
+                break
 
 
 def _mean(xs: list[bool]) -> float:
