@@ -68,7 +68,9 @@ class RolloutEngine(Protocol):
                  greedy: bool = False, max_new_tokens: int | None = None,
                  temperature: float | None = None) -> list[Generation]:
         """One generation per (prefix, sample id); sample (prefix, j, seed) is reproducible.
-        `temperature` overrides the configured one for this call (None: the config's)."""
+        `temperature` overrides the configured one for this call (None: the config's). Each Generation
+        carries its tokens' log-probs under the untempered model (vLLM: `logprobs=0`); the confidence
+        prior of the estimators reads them."""
         ...
 
 
