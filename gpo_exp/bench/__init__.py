@@ -1,7 +1,10 @@
 """Throughput benchmarks, each a module run with `python -m gpo_exp.bench.<name>`."""
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 
 def parse_key_value(kv: str, where: str) -> tuple[str, Any]:

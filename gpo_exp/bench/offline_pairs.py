@@ -36,8 +36,9 @@ from gpo_exp.models.prompting import encode_prompt
 from gpo_exp.rollout.engine import EngineConfig, HFRolloutEngine
 from gpo_exp.rollout.evaluate import evaluate
 from gpo_exp.rollout.estimators import ESTIMATORS, agreement
+from gpo_exp.rollout.gpo_round import GPOConfig, prompt_groups, reset_groups
 from gpo_exp.rollout.sampler import PolicySampler
-from gpo_exp.rollout.types import Continuation, Group, Job, Trajectory
+from gpo_exp.rollout.types import Group, Trajectory
 from gpo_exp.training.batching import pad_sequences, score_sequences, sequence_logps
 from gpo_exp.training.module import adamw
 from gpo_exp.training.objectives import OPTIMIZERS
@@ -63,15 +64,13 @@ ANCHORS = ("sampled", "greedy")
 def sampled_groups(base, tok, bench, rows, seed: int, temperature: float) -> tuple[list[Trajectory], list[Group]]:
     """4 samples per prompt, one group of whole trajectories per prompt (the baseline arm's data)."""
     trajs = _sampler(base, tok, bench, seed, temperature).trajectories(rows, 4)
-    return trajs, [Group(prompt_ids=trajs[i].prompt_ids, prefix_ids=[], uid=i // 4,
-                         continuations=[Continuation(list(t.completion_ids), t.reward) for t in trajs[i: i + 4]])
-                   for i in range(0, len(trajs), 4)]
+    return trajs, prompt_groups(trajs)
 
 
 def greedy_groups(base, tok, bench, rows, seed: int, temperature: float, m: int = 8) -> tuple[list[Trajectory], list[Group]]:
     """Pairs aimed at what greedy evaluation gets wrong: each prompt's greedy solution; where it fails,
     m samples from the prefix before its least confident step, with greedy's own continuation as one
-    more (incorrect) candidate."""
+    more (incorrect) candidate (the GPO arm's reset, with the confidence estimator)."""
     trajs = _sampler(base, tok, bench, seed, 0.0).trajectories(rows, 1)
     failed = [t for t in trajs if t.reward == 0]
     sampler = _sampler(base, tok, bench, seed, temperature)
@@ -79,11 +78,7 @@ def greedy_groups(base, tok, bench, rows, seed: int, temperature: float, m: int 
     agree = agreement(locs, failed)
     print(f"greedy anchor: {len(failed)} of {len(trajs)} greedy solutions fail; their least confident step is the "
           f"first wrong one {agree['hits']} / {agree['n']} times", flush=True)
-    steps = [loc.critical for loc in locs]
-    fresh = sampler([Job(t, s, m) for t, s in zip(failed, steps)])
-    return trajs, [Group(prompt_ids=t.prompt_ids, prefix_ids=t.completion_ids[: t.prefix_len(s)], uid=t.uid, step=s,
-                         continuations=new + [Continuation(t.completion_ids[t.prefix_len(s):], 0.0)])
-                   for t, s, new in zip(failed, steps, fresh)]
+    return trajs, reset_groups(failed, locs, sampler, GPOConfig(reset_samples=m, reuse_estimation=False))
 
 
 def mask_divergence(example: dict[str, Any], newline_id: int, whole_step: bool) -> None:

@@ -63,7 +63,7 @@ class AdaptiveConfig(EstimatorConfig):
     batch: int = 2  # draws per open probe in its first wave (raise for fewer, larger generate calls)
     grow: bool = False  # true: each later wave of a probe draws as many as it has so far (2, 2, 4, 8, ...): log-many waves for hard prefixes, same verdict for a given cap (~0.75x wall time, ~1.1x tokens here)
     k_root: int | None = 64  # most draws at a probe while no live prefix is known (plain bisection: the prompt) (null: k_max)
-    risk: float | None = 0.05  # calibrated probes: draw until P(dead verdict | V = c) <= risk, c = the prompt's smoothed success rate (null: always k_max)
+    risk: float | None = 0.05  # calibrated probes: draw until P(dead verdict | V = c) <= risk, c = a live reference prefix's smoothed success rate (null: always k_max)
     prior: str = "confidence"  # which boundary to test first: confidence (around the step with the least likely sampled token) | none (plain bisection)
 
     def __post_init__(self) -> None:
