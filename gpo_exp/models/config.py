@@ -2,10 +2,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from gpo_exp.registry import check
 
 SOURCES = ("tiny", "hub", "gguf")
+# Fields that change a model's initial weights: only these enter the warm-start cache key, so adding
+# a runtime field (checkpointing, LoRA, templates) never orphans a cached or shipped warm start.
+WEIGHT_FIELDS = ("name", "source", "path", "gguf_file", "package", "dtype", "chat_template", "arch", "n_layer",
+                 "n_embd", "n_head", "max_len")
 
 
 @dataclass
@@ -25,8 +30,10 @@ class ModelConfig:
     lora_r: int = 0  # LoRA rank (peft); 0 = full fine-tuning. With LoRA the reference is the base with adapters off
     lora_alpha: float = 16.0  # LoRA scaling numerator (update scale alpha / r)
     lora_dropout: float = 0.0  # dropout on the LoRA branch
-    lora_target_modules: list[str] | None = None  # module names to adapt; null: peft's default for the architecture
+    lora_target_modules: Any = None  # modules to adapt: a list of names, "all-linear" (every linear layer but the output head), or null (peft's default for the architecture)
     disable_dropout: bool = True  # zero the policy's dropout before training (as TRL does): its log-probs would be noisy against the dropout-free reference
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: memory for compute (hub models)
+    require_chat_template: bool = False  # stop at start when the tokenizer has no chat template (instruct presets)
 
     def __post_init__(self) -> None:
         check(self.source in SOURCES, "model.source", self.source, f"one of {', '.join(SOURCES)}")
@@ -36,6 +43,12 @@ class ModelConfig:
               (self.n_layer, self.n_embd, self.n_head), "positive sizes")
         check(self.lora_r >= 0, "model.lora_r", self.lora_r, ">= 0 (0 = full fine-tuning)")
         check(0 <= self.lora_dropout < 1, "model.lora_dropout", self.lora_dropout, "in [0, 1)")
+        t = self.lora_target_modules
+        check(t is None or t == "all-linear" or (isinstance(t, (list, tuple)) and len(t) > 0
+                                                 and all(isinstance(x, str) and x for x in t)),
+              "model.lora_target_modules", t, 'a non-empty list of module names, "all-linear", or null')
+        if isinstance(t, tuple):
+            self.lora_target_modules = list(t)
         if self.source in ("hub", "gguf"):
             check(bool(self.path) or bool(self.package), "model.path", self.path, "set for source=hub/gguf")
         if self.source == "gguf":

@@ -15,7 +15,7 @@ import os
 import shutil
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -30,12 +30,18 @@ log = logging.getLogger(__name__)
 SHIPPED = Path(__file__).resolve().parent.parent / "assets" / "warmstart"  # checkpoints shipped with the package
 
 
+# Settings that change the warm-started weights: only these enter the cache key (see WEIGHT_FIELDS).
+KEY_FIELDS = ("steps", "batch_size", "lr", "warmup_steps", "weight_decay", "max_rows", "seed")
+TINY_LR = 3e-3  # warm_start.lr=null on a random-init model: fast enough to learn the task in 600 steps
+PRETRAINED_LR = 2e-5  # warm_start.lr=null on a pretrained model: a format-teaching fine-tune that does not damage it
+
+
 @dataclass
 class WarmStartConfig:
-    enabled: bool = True  # run (or load) the supervised warm start before GPO
+    enabled: Any = "auto"  # auto: on for models built from random weights (tiny), off for pretrained ones | true | false
     steps: int = 600  # optimizer steps of supervised fine-tuning (600 on arith: 84% greedy, 72% sampled test accuracy)
     batch_size: int = 64  # sequences per step
-    lr: float = 3e-3  # peak AdamW learning rate (linear warmup, cosine decay)
+    lr: float | None = None  # peak AdamW learning rate (linear warmup, cosine decay); null: 3e-3 for tiny, 2e-5 for pretrained models
     warmup_steps: int = 50  # linear warmup steps
     weight_decay: float = 0.0  # AdamW weight decay
     max_rows: int | None = None  # use at most this many training rows (None: all)
@@ -44,9 +50,18 @@ class WarmStartConfig:
     seed: int = 0  # seed of initialisation and batch order (separate from the GPO seed on purpose)
 
     def __post_init__(self) -> None:
+        if isinstance(self.enabled, str) and self.enabled.lower() in ("true", "false"):
+            self.enabled = self.enabled.lower() == "true"
+        check(self.enabled in (True, False, "auto"), "warm_start.enabled", self.enabled, "auto, true or false")
         check(self.steps >= 0, "warm_start.steps", self.steps, ">= 0")
         check(self.batch_size >= 1, "warm_start.batch_size", self.batch_size, ">= 1")
-        check(self.lr > 0, "warm_start.lr", self.lr, "> 0")
+        check(self.lr is None or self.lr > 0, "warm_start.lr", self.lr, "> 0 or null")
+
+    def resolved(self, pretrained: bool) -> WarmStartConfig:
+        """`auto` and a null lr made concrete for a pretrained or a random-init model."""
+        enabled = (not pretrained) if self.enabled == "auto" else bool(self.enabled)
+        lr = self.lr if self.lr is not None else (PRETRAINED_LR if pretrained else TINY_LR)
+        return replace(self, enabled=enabled, lr=lr)
 
 
 def cache_key(*parts: Any) -> str:
@@ -57,10 +72,11 @@ def cache_key(*parts: Any) -> str:
 
 def warm_start_key(model_cfg: Any, benchmark_cfg: Any, cfg: WarmStartConfig) -> str:
     """Cache key of a warm start: only settings that change the trained weights enter it."""
+    from gpo_exp.models.config import WEIGHT_FIELDS
+
     bench = {k: v for k, v in asdict(benchmark_cfg).items() if k not in ("steps", "max_new_tokens", "max_rows")}
-    # LoRA and dropout removal are applied after the warm start: they do not change its weights.
-    model = {k: v for k, v in asdict(model_cfg).items() if not k.startswith("lora_") and k != "disable_dropout"}
-    return cache_key(model, bench, {k: v for k, v in asdict(cfg).items() if k not in ("cache_dir", "force", "enabled")})
+    model = {k: getattr(model_cfg, k) for k in WEIGHT_FIELDS}
+    return cache_key(model, bench, {k: getattr(cfg, k) for k in KEY_FIELDS})
 
 
 def cached_dir(cfg: WarmStartConfig, key: str) -> Path:
@@ -134,6 +150,7 @@ def warm_start(model_cfg: Any, benchmark: Any, cfg: WarmStartConfig,
     from gpo_exp.models import build_base
     from gpo_exp.models.prompting import encode_prompt
 
+    cfg = cfg.resolved(pretrained=model_cfg.source != "tiny")
     rows = benchmark.load("train")
     if cfg.max_rows is not None:
         rows = rows[: cfg.max_rows]
