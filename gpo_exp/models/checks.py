@@ -39,7 +39,10 @@ def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
     LoRA bases without making the inputs require grad)."""
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise ConfigError(f"bad config model.gradient_checkpointing=true: {type(model).__name__} does not support it")
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False  # a cache is useless (and warned about) when activations are recomputed
 
 
