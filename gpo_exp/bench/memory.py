@@ -1,7 +1,7 @@
 """Peak memory of the log-prob path against sequence length: the old full-vocabulary path vs the new one.
 
     python -m gpo_exp.bench.memory [--vocab 151936 49152] [--lengths 512 1024 2048 4096] [--hidden 64]
-    python -m gpo_exp.bench.memory --device cuda --hidden 1536 --layers 28 --bf16   # a 1.5B-shaped model
+    python -m gpo_exp.bench.memory --device cuda --shape qwen2-1.5b --bf16   # R1-Distill-Qwen-1.5B's shape
 
 For each (vocabulary, length, path) a random-init Qwen2 of that vocabulary (small hidden size unless
 told otherwise, so the logits dominate) runs two operations:
@@ -26,6 +26,9 @@ import torch
 from gpo_exp.bench import device_label, parse_device
 
 PROMPT = 64  # prompt tokens of every sequence; the rest is completion (counted by the losses)
+# Real shapes (config.json of Qwen2.5-1.5B / DeepSeek-R1-Distill-Qwen-1.5B), random weights.
+SHAPES = {"qwen2-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                             num_key_value_heads=2, tie_word_embeddings=True)}
 
 
 def old_token_logps(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -41,16 +44,17 @@ def _rss_kb(field: str) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith(field))
 
 
-def _model(vocab: int, hidden: int, layers: int, length: int, device: torch.device, bf16: bool) -> Any:
+def _model(vocab: int, args: argparse.Namespace, length: int, device: torch.device) -> Any:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    conf = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=max(4 * hidden, 64),
-                       num_hidden_layers=layers, num_attention_heads=max(hidden // 64, 2),
-                       num_key_value_heads=max(hidden // 256, 1), max_position_embeddings=length + 1,
-                       tie_word_embeddings=False)
+    shape = SHAPES[args.shape] if args.shape else dict(
+        hidden_size=args.hidden, intermediate_size=max(4 * args.hidden, 64), num_hidden_layers=args.layers,
+        num_attention_heads=max(args.hidden // 64, 2), num_key_value_heads=max(args.hidden // 256, 1),
+        tie_word_embeddings=False)
+    conf = Qwen2Config(vocab_size=vocab, max_position_embeddings=length + 1, **shape)
     model = Qwen2ForCausalLM(conf).to(device)
-    return model.to(torch.bfloat16) if bf16 else model
+    return model.to(torch.bfloat16) if args.bf16 else model
 
 
 def measure(vocab: int, length: int, path: str, op: str, args: argparse.Namespace) -> float:
@@ -61,7 +65,7 @@ def measure(vocab: int, length: int, path: str, op: str, args: argparse.Namespac
     device = torch.device(args.device)
     if path == "old":
         batching.token_logps = old_token_logps  # sequence_logps looks it up at call time
-    model = _model(vocab, args.hidden, args.layers, length, device, args.bf16)
+    model = _model(vocab, args, length, device)
     ids = torch.randint(0, vocab, (max(2, args.score_seqs), length), generator=torch.Generator().manual_seed(1))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -114,6 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096], help="sequence lengths T")
     ap.add_argument("--hidden", type=int, default=64, help="hidden size of the random-init model")
     ap.add_argument("--layers", type=int, default=2, help="decoder layers")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default=None, help="a real model's shape (overrides --hidden/--layers)")
     ap.add_argument("--score-seqs", type=int, default=4, help="sequences in the reference-precompute batch")
     ap.add_argument("--ops", nargs="+", default=["dpo-step", "precompute"], choices=["dpo-step", "precompute"])
     ap.add_argument("--max-old-gb", type=float, default=2.6, help="skip old-path runs whose fp32 logits exceed this")
@@ -126,7 +131,8 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"--vocab/--lengths: need vocab >= 2 and lengths > {PROMPT + 1}")
     if device.type == "cpu":
         torch.set_num_threads(min(2, os.cpu_count() or 1))
-    print(f"peak memory beyond the weights (MB), random-init Qwen2 hidden {args.hidden} x {args.layers} layers, "
+    shape = args.shape or f"hidden {args.hidden} x {args.layers} layers"
+    print(f"peak memory beyond the weights (MB), random-init Qwen2 ({shape}), "
           f"{device_label(device)}; dpo-step: 1 pair (2 seqs), precompute: {args.score_seqs} seqs; "
           f"prompt {PROMPT} tokens")
     print(f"{'op':<11} {'vocab':>7} {'T':>5} {'old':>9} {'new':>8} {'old/new':>8}")
@@ -143,12 +149,12 @@ def main(argv: list[str] | None = None) -> None:
                 ratio = f"{old / new:.1f}x" if isinstance(old, float) and isinstance(new, float) and new > 0 else "-"
                 fmt = lambda x: f"{x:.0f}" if isinstance(x, float) else x  # noqa: E731
                 print(f"{op:<11} {v:>7} {t:>5} {fmt(old):>9} {fmt(new):>8} {ratio:>8}", flush=True)
-    for op in args.ops:  # slope of the new path: MB per 1k tokens between the shortest and longest T
-        lo, hi = min(args.lengths), max(args.lengths)
-        slopes = [f"V={v}: {(rows[(op, v, hi)] - rows[(op, v, lo)]) / (hi - lo) * 1000:.1f}"
+    lengths = sorted(args.lengths)
+    for op in args.ops:  # asymptotic slope of the new path: MB per 1k tokens between the two longest T
+        lo, hi = lengths[-2:] if len(lengths) > 1 else (lengths[0], lengths[0])
+        slopes = [f"V={v}: {(rows[(op, v, hi)] - rows[(op, v, lo)]) / max(hi - lo, 1) * 1000:.1f}"
                   for v in args.vocab if (op, v, hi) in rows and (op, v, lo) in rows]
         print(f"new-path slope, {op} (MB per 1k tokens, T {lo}->{hi}): {', '.join(slopes)}")
-
 
 if __name__ == "__main__":
     main()

@@ -74,27 +74,32 @@ def _chunk_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, s
 class _LinearSelectiveLogps(torch.autograd.Function):
     """log_softmax(hidden @ W^T)[targets] by chunks of rows, with a hand-written backward.
 
-    Forward keeps only the (N,) results; backward recomputes each chunk's logits once and turns
-    them in place into d lp / d logits = onehot(target) - softmax, so at most about two fp32
-    (chunk, V) blocks exist at any time (autograd through `_chunk_logps` would hold four or more).
+    Forward keeps only the (N,) results and log-normalisers (logsumexp computed in place); backward
+    recomputes each chunk's logits once and turns them in place into d lp / d logits =
+    onehot(target) - softmax, so about one fp32 (chunk, V) block exists at a time (autograd through
+    `_chunk_logps` would hold four or more).
     Matmuls run in `dtype` (the autocast dtype under mixed precision), softmax statistics in fp32.
     """
 
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
                 dtype: torch.dtype) -> torch.Tensor:
-        ctx.save_for_backward(hidden, weight, targets)
-        ctx.chunk, ctx.dtype = chunk, dtype
         w = weight.to(dtype)
-        out = []
+        out, lses = [], []
         for i in range(0, hidden.shape[0], chunk):
             z = torch.nn.functional.linear(hidden[i: i + chunk].to(dtype), w).float()
-            out.append(z.gather(-1, targets[i: i + chunk, None]).squeeze(-1) - z.logsumexp(-1))
+            target = z.gather(-1, targets[i: i + chunk, None]).squeeze(-1)
+            top = z.amax(-1, keepdim=True)
+            lse = z.sub_(top).exp_().sum(-1).log_() + top.squeeze(-1)  # logsumexp, in place: one block
+            out.append(target - lse)
+            lses.append(lse)
+        ctx.save_for_backward(hidden, weight, targets, torch.cat(lses) if lses else hidden.new_zeros(0))
+        ctx.chunk, ctx.dtype = chunk, dtype
         return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        hidden, weight, targets = ctx.saved_tensors
+        hidden, weight, targets, lse = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         gh = torch.zeros_like(hidden) if need_h else None
         gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
@@ -102,7 +107,7 @@ class _LinearSelectiveLogps(torch.autograd.Function):
         for i in range(0, hidden.shape[0], ctx.chunk):
             h = hidden[i: i + ctx.chunk].to(ctx.dtype)
             z = torch.nn.functional.linear(h, w).float()
-            z.sub_(z.logsumexp(-1, keepdim=True)).exp_().neg_()  # -softmax, in place
+            z.sub_(lse[i: i + ctx.chunk, None]).exp_().neg_()  # -softmax, in place
             z[torch.arange(z.shape[0], device=z.device), targets[i: i + ctx.chunk]] += 1.0
             gz = z.mul_(grad_out[i: i + ctx.chunk, None].float()).to(ctx.dtype)
             del z
