@@ -1,4 +1,8 @@
-"""The LightningDataModule: serves the current round's examples (refilled by the round callback)."""
+"""The LightningDataModule: serves the current round's examples (refilled by the round callback).
+
+With several ranks each rank gets an equal number of whole batches (round-robin; the last ones
+repeat earlier batches when the count does not divide), so DDP never waits on a rank that ran out.
+"""
 from __future__ import annotations
 
 from functools import partial
@@ -17,6 +21,13 @@ def _collate(examples: list[dict[str, Any]], objective: Objective, pad_id: int) 
     return objective.collate(examples, pad_id)
 
 
+def rank_batches(batches: list[list[Any]], rank: int, world: int) -> list[list[Any]]:
+    """Rank's share of the batches: every world-th one, padded with repeats to ceil(len / world)."""
+    per_rank = -(-len(batches) // world)
+    padded = [batches[i % len(batches)] for i in range(per_rank * world)]
+    return padded[rank::world]
+
+
 class RolloutDataModule(pl.LightningDataModule):
     """Holds one round of examples; Lightning rebuilds the dataloader every epoch (= round)."""
 
@@ -32,12 +43,31 @@ class RolloutDataModule(pl.LightningDataModule):
         self.examples = examples
         self.round = round_idx
 
+    def state_dict(self) -> dict[str, Any]:
+        # The examples themselves are regenerated on resume (from the weights and the round's seed).
+        return {"round": self.round}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.round = int(state.get("round", 0))
+
+    def _world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
     def train_dataloader(self) -> DataLoader:
         # An empty round still yields one batch, marked skip, so Lightning keeps the epoch (round) structure.
         data = self.examples or [{"skip": True}]
         bs = self.objective.cfg.batch_size
+        collate = partial(_collate, objective=self.objective, pad_id=self.pad_id)
+        rank, world = self._world()
         if self.objective.kind == "rollouts":  # keep groups intact: examples come ordered by group
-            return DataLoader(data * self.objective.passes, batch_size=bs, shuffle=False, collate_fn=partial(_collate, objective=self.objective, pad_id=self.pad_id))
+            data, shuffle = data * self.objective.passes, False
+        else:
+            data, shuffle = data * self.objective.cfg.epochs_per_round, True
         g = torch.Generator().manual_seed(self.seed * 1000 + self.round)
-        return DataLoader(data * self.objective.cfg.epochs_per_round, batch_size=bs, shuffle=True, generator=g,
-                          collate_fn=partial(_collate, objective=self.objective, pad_id=self.pad_id))
+        if world == 1:
+            return DataLoader(data, batch_size=bs, shuffle=shuffle, generator=g if shuffle else None,
+                              collate_fn=collate)
+        order = torch.randperm(len(data), generator=g).tolist() if shuffle else list(range(len(data)))
+        batches = [[data[i] for i in order[b: b + bs]] for b in range(0, len(order), bs)]
+        return DataLoader(rank_batches(batches, rank, world), batch_size=None, collate_fn=collate)
