@@ -148,6 +148,8 @@ def train(cfg: Resolved, run_dir: Path, config: dict[str, Any], overrides: list[
         if not distributed.externally_launched():
             children = distributed.launch_ranks(cfg.trainer.devices, overrides or [], str(run_dir))
     loggers = make_loggers(cfg, run_dir, config, wandb_id)
+    if last is not None and rank0:
+        keep_csv_rows(loggers, run_dir, last[1])
     trainer = pl.Trainer(
         max_epochs=cfg.trainer.rounds, accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices,
         strategy=strategy, use_distributed_sampler=False,  # the datamodule shards whole batches itself
@@ -166,7 +168,8 @@ def train(cfg: Resolved, run_dir: Path, config: dict[str, Any], overrides: list[
         log.info("resuming %s from its round %d checkpoint", run_dir, last[0])
     status, extra = "ok", {}
     try:
-        trainer.fit(module, datamodule=dm, ckpt_path=str(last[1]) if last is not None else None)
+        trainer.fit(module, datamodule=dm, ckpt_path=str(last[1]) if last is not None else None,
+                    weights_only=False)  # our own checkpoint: it holds the RNG states and the round history
     except FloatingPointError as e:  # Diverged (weights), or the module's non-finite loss
         status = "diverged"
         extra = {"error": rundir.one_line(e), "diverged_round": e.round if isinstance(e, Diverged) else rounds.round}
@@ -198,13 +201,31 @@ def train(cfg: Resolved, run_dir: Path, config: dict[str, Any], overrides: list[
                 rundir.write_json_atomic(run_dir / "summary.json", summary)
             except OSError:
                 pass
-    if status == "ok" and "checkpoint_error" not in summary:
-        shutil.rmtree(run_dir / ckpt.DIR, ignore_errors=True)  # finished: the resume checkpoints are spent
+    if status == "ok" and cfg.trainer.save_checkpoint and "checkpoint_error" not in summary:
+        shutil.rmtree(run_dir / ckpt.DIR, ignore_errors=True)  # finished, final weights saved: resume checkpoints are spent
     for lg in trainer.loggers:
         if lg.__class__.__name__ == "WandbLogger":
             lg.experiment.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
             lg.experiment.finish()
     return summary
+
+
+def keep_csv_rows(loggers: list[Any], run_dir: Path, ckpt_path: Path) -> None:
+    """Resume: Lightning's CSVLogger deletes an existing metrics.csv; keep its rows up to the checkpoint's step."""
+    import csv
+
+    import torch
+
+    csv_loggers = [lg for lg in loggers if lg.__class__.__name__ == "CSVLogger"]
+    path = run_dir / "csv" / "metrics.csv"
+    if not csv_loggers or not path.is_file():
+        return
+    step = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True).get("global_step", 0)
+    with path.open(newline="") as f:
+        rows = [r for r in csv.DictReader(f) if not r.get("step", "").isdigit() or int(r["step"]) <= step]
+    writer = csv_loggers[0].experiment  # created now: this is where it deletes the old file
+    writer.metrics.extend({k: v for k, v in r.items() if v != ""} for r in rows)
+    writer.save()
 
 
 def progress_bar(cfg: Resolved) -> list[Any]:
@@ -293,7 +314,8 @@ def run_job(dcfg: DictConfig) -> float:
     rank0 = distributed.env_rank() == 0
     overrides = list(hc.overrides.task)
     config: dict[str, Any] | None = None
-    if dcfg.get("resume"):
+    explicit_resume = bool(dcfg.get("resume"))
+    if explicit_resume:
         if rank0:
             rundir.remove_if_empty(run_dir)  # the directory Hydra made for this command is not used
         run_dir = Path(str(dcfg.resume)).resolve()
@@ -303,6 +325,8 @@ def run_job(dcfg: DictConfig) -> float:
             _error(str(e))
             raise _Stop(2) from None
         overrides = [f"resume={run_dir}"]  # what the other ranks need to run the same job
+    if explicit_resume and rank0:
+        rundir.reopen_failed(run_dir)  # resume=<dir> may continue a failed run from its checkpoints
     if rundir.is_finished(run_dir):
         _error(f"run directory {run_dir} already holds a finished run; refusing to overwrite it "
                "(nothing in it was changed)")
@@ -324,7 +348,7 @@ def run_job(dcfg: DictConfig) -> float:
         if multirun and rank0:  # the sweep goes on; this job's directory says why it has no results
             rundir.write_hydra_files(run_dir, config or {}, overrides)
             rundir.record_failure(run_dir, "failed", f"ConfigError: {e}", config, str(dcfg.get("name")))
-        elif rank0 and not dcfg.get("resume"):
+        elif rank0 and not explicit_resume:
             rundir.remove_if_empty(run_dir)
         raise _Stop(2) from None
     _log_to(run_dir, enabled=rank0)

@@ -109,3 +109,19 @@ def saved_overrides(run_dir: Path) -> list[str]:
     except (OSError, yaml.YAMLError):
         return []
     return [str(o) for o in out] if isinstance(out, list) else []
+
+
+def reopen_failed(run_dir: Path) -> bool:
+    """Explicit resume of a run that failed (not diverged) and still has round checkpoints: its failure record
+    moves to failed_attempts.jsonl, so the directory is resumable again. A finished or diverged run stays closed."""
+    path = Path(run_dir) / SUMMARY
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    if summary.get("status") != "failed" or not any((Path(run_dir) / "resume").glob("round*.ckpt")):
+        return False
+    with (Path(run_dir) / "failed_attempts.jsonl").open("a") as f:
+        f.write(json.dumps({k: v for k, v in summary.items() if k != "config"}) + "\n")
+    path.unlink()
+    return True

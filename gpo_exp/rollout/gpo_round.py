@@ -14,13 +14,15 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from gpo_exp.benchmarks.base import StepsConfig
 from gpo_exp.registry import check
 from gpo_exp.rollout.estimators import ESTIMATORS, Estimator, agreement, critical_step_hist, status_counts
-from gpo_exp.rollout.sampler import PolicySampler
 from gpo_exp.rollout.types import Continuation, Group, Job, Localization, Trajectory
+
+if TYPE_CHECKING:  # type only: config validation imports GPOConfig before transformers
+    from gpo_exp.rollout.sampler import PolicySampler
 
 HIST_BINS = 12  # critical-step histogram bins (the last bin collects steps >= 11)
 

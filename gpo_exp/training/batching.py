@@ -5,10 +5,12 @@ for left padding. `loss_mask` marks the completion tokens a loss should count.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
-from transformers import PreTrainedModel
+
+if TYPE_CHECKING:  # type only: config validation imports this module before transformers
+    from transformers import PreTrainedModel
 
 
 def pad_sequences(seqs: Sequence[Sequence[int]], starts: Sequence[int], pad_id: int,

@@ -1,7 +1,9 @@
 """The LightningDataModule: serves the current round's examples (refilled by the round callback).
 
-With several ranks each rank gets an equal number of whole batches (round-robin; the last ones
-repeat earlier batches when the count does not divide), so DDP never waits on a rank that ran out.
+With several ranks, every batch of a one-process run (same order, same shuffle) is split into one
+contiguous slice per rank, so the ranks take the same optimizer steps, on the same examples, as one
+process would, and DDP never waits on a rank that ran out (a batch smaller than the world repeats
+examples to give every rank one).
 """
 from __future__ import annotations
 
@@ -21,11 +23,13 @@ def _collate(examples: list[dict[str, Any]], objective: Objective, pad_id: int) 
     return objective.collate(examples, pad_id)
 
 
-def rank_batches(batches: list[list[Any]], rank: int, world: int) -> list[list[Any]]:
-    """Rank's share of the batches: every world-th one, padded with repeats to ceil(len / world)."""
-    per_rank = -(-len(batches) // world)
-    padded = [batches[i % len(batches)] for i in range(per_rank * world)]
-    return padded[rank::world]
+def rank_slice(batch: list[Any], rank: int, world: int) -> list[Any]:
+    """Rank's contiguous slice of one global batch (sizes differ by at most one; never empty)."""
+    if len(batch) < world:
+        batch = [batch[i % len(batch)] for i in range(world)]
+    base, extra = divmod(len(batch), world)
+    start = rank * base + min(rank, extra)
+    return batch[start: start + base + (rank < extra)]
 
 
 class RolloutDataModule(pl.LightningDataModule):
@@ -68,6 +72,7 @@ class RolloutDataModule(pl.LightningDataModule):
         if world == 1:
             return DataLoader(data, batch_size=bs, shuffle=shuffle, generator=g if shuffle else None,
                               collate_fn=collate)
-        order = torch.randperm(len(data), generator=g).tolist() if shuffle else list(range(len(data)))
-        batches = [[data[i] for i in order[b: b + bs]] for b in range(0, len(order), bs)]
-        return DataLoader(rank_batches(batches, rank, world), batch_size=None, collate_fn=collate)
+        # the one-process loader's batches of indices (the same generator draws), then this rank's slice of each
+        index_batches = DataLoader(range(len(data)), batch_size=bs, shuffle=shuffle, generator=g if shuffle else None)
+        mine = [[data[i] for i in rank_slice(b.tolist(), rank, world)] for b in index_batches]
+        return DataLoader(mine, batch_size=None, collate_fn=collate)

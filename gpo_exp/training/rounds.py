@@ -193,9 +193,24 @@ class GPORoundCallback(pl.Callback):
             pl_module.skipped_batches = checkpoint.get("gpo_exp", {}).get("skipped_batches", 0)
 
     def _check_finite(self, pl_module: pl.LightningModule, r: int) -> None:
+        """Stop a diverged run: non-finite weights, or finite but huge ones whose logits overflow (lr=1e9)."""
         for name, p in pl_module.named_parameters():
             if p.requires_grad and not bool(torch.isfinite(p.detach()).all()):
                 raise Diverged(f"non-finite weights in {name} after round {r}", r)
+        if not self.eval_rows:
+            return
+        policy = pl_module.policy
+        ids = torch.tensor([self.sampler.encode(self.eval_rows[0])], device=next(policy.parameters()).device)
+        was_training = policy.training
+        policy.eval()
+        try:
+            with torch.no_grad():
+                logits = policy(input_ids=ids).logits
+        finally:
+            policy.train(was_training)
+        if not bool(torch.isfinite(logits).all()):
+            big = max(float(p.detach().abs().max()) for p in policy.parameters() if p.requires_grad)
+            raise Diverged(f"non-finite logits after round {r} (largest trainable weight {big:.3g})", r)
 
     # --- one round --------------------------------------------------------------------------------
     def _collect(self, trainer: pl.Trainer, pl_module: pl.LightningModule, r: int) -> None:
