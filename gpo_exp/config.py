@@ -25,9 +25,12 @@ from gpo_exp.training.warmstart import WarmStartConfig
 
 
 # Lightning strategies a run accepts (names as Lightning's StrategyRegistry spells them).
-STRATEGIES = ("auto", "ddp", "ddp_find_unused_parameters_true", "ddp_spawn", "fsdp", "deepspeed", "deepspeed_stage_1",
-              "deepspeed_stage_2", "deepspeed_stage_2_offload", "deepspeed_stage_3", "deepspeed_stage_3_offload",
-              "single_device")
+STRATEGIES = ("auto", "ddp", "ddp_find_unused_parameters_true", "single_device", "fsdp", "deepspeed",
+              "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_2_offload", "deepspeed_stage_3",
+              "deepspeed_stage_3_offload")
+# Sharded strategies: each rank would hold a shard of the weights, but the rollout engine generates with the
+# whole policy on every rank (no gather-for-generation yet, as TRL's unwrap_model_for_generation does).
+SHARDED = tuple(s for s in STRATEGIES if s.startswith(("fsdp", "deepspeed")))
 
 
 @dataclass
@@ -51,6 +54,11 @@ class TrainerConfig:
         check(self.devices >= 1, "trainer.devices", self.devices, ">= 1")
         check(self.strategy in STRATEGIES, "trainer.strategy", self.strategy, f"one of {', '.join(STRATEGIES)}")
         check(self.keep_checkpoints >= 0, "trainer.keep_checkpoints", self.keep_checkpoints, ">= 0")
+        check(self.strategy not in SHARDED, "trainer.strategy", self.strategy,
+              "auto or ddp: fsdp/deepspeed shard the weights, and generation here needs the whole policy on every "
+              "rank (gathering it for generation is not implemented yet)")
+        check(self.devices == 1 or self.strategy != "single_device", "trainer.strategy", self.strategy,
+              "auto or ddp when trainer.devices > 1")
         check(self.accelerator in ("cpu", "gpu", "cuda", "mps", "tpu", "auto"), "trainer.accelerator",
               self.accelerator, "cpu, gpu, cuda, mps, tpu or auto")
         check(self.eval_samples >= 0, "trainer.eval_samples", self.eval_samples, ">= 0")

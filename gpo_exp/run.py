@@ -142,11 +142,19 @@ def train(cfg: Resolved, run_dir: Path, config: dict[str, Any], overrides: list[
     wandb_id_file = run_dir / ckpt.DIR / "wandb_id"
     wandb_id = wandb_id_file.read_text().strip() if last is not None and wandb_id_file.exists() else None
     strategy = cfg.trainer.strategy
-    children = []
+    children: list[Any] = []
+    watching = [True]
     if cfg.trainer.devices > 1:
         strategy = "ddp" if strategy == "auto" else strategy
         if not distributed.externally_launched():
-            children = distributed.launch_ranks(cfg.trainer.devices, overrides or [], str(run_dir))
+            def rank_failed(why: str) -> None:  # rank 0 would wait for the dead rank forever
+                if not watching:
+                    return  # fit is over: rank 0 records how it ended itself
+                print(f"error: {why}; stopping (run {run_dir})", file=sys.stderr, flush=True)
+                rundir.record_failure(run_dir, "failed", why, config, cfg.name)
+                os._exit(1)
+
+            children = distributed.launch_ranks(cfg.trainer.devices, overrides or [], str(run_dir), rank_failed)
     loggers = make_loggers(cfg, run_dir, config, wandb_id)
     if last is not None and rank0:
         keep_csv_rows(loggers, run_dir, last[1])
@@ -175,8 +183,11 @@ def train(cfg: Resolved, run_dir: Path, config: dict[str, Any], overrides: list[
         extra = {"error": rundir.one_line(e), "diverged_round": e.round if isinstance(e, Diverged) else rounds.round}
         log.info("diverged in round %d: %s", extra["diverged_round"], extra["error"])
     finally:
+        watching.clear()
         for p in children:
             p.wait()
+        if children:  # the next job of a multirun starts its own process group, on a fresh port
+            distributed.end_ranks()
 
     summary = {"arm": cfg.name, "status": status, **extra, **rounds.summary(), "time/warmstart_s": ws_s,
                "warm_start/source": ws["source"], "train/skipped_batches": module.skipped_batches,
@@ -314,6 +325,12 @@ def run_job(dcfg: DictConfig) -> float:
     rank0 = distributed.env_rank() == 0
     overrides = list(hc.overrides.task)
     config: dict[str, Any] | None = None
+    if multirun and "Joblib" in str(hc.launcher.get("_target_", "")):
+        import torch  # device_count() does not start CUDA, so CUDA_VISIBLE_DEVICES still applies
+
+        gpu = distributed.claim_gpu(Path(hc.sweep.dir) / ".gpu_locks", torch.cuda.device_count())
+        if gpu is not None:
+            log.info("joblib worker %d: GPU %d", os.getpid(), gpu)
     explicit_resume = bool(dcfg.get("resume"))
     if explicit_resume:
         if rank0:

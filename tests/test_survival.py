@@ -142,3 +142,65 @@ def test_remove_if_empty_keeps_anything_with_content(tmp_path):
 def test_differing_keys_names_nested_keys():
     assert rundir.differing_keys({"a": {"b": 1, "c": 2}, "resume": None}, {"a": {"b": 1, "c": 3}, "resume": "x"},
                                  ignore=("resume",)) == ["a.c"]
+
+
+# --- bad inputs: each stops with one line naming the value (validated before any heavy import) ----
+
+BAD_CONFIGS = [
+    ("trainer.rounds=0", "trainer.rounds=0"), ("trainer.devices=0", "trainer.devices=0"),
+    ("trainer.strategy=magic", "trainer.strategy='magic'"), ("trainer.strategy=fsdp", "trainer.strategy='fsdp'"),
+    ("trainer.strategy=deepspeed_stage_2", "gathering it for generation is not implemented"),
+    ("trainer.keep_checkpoints=-1", "trainer.keep_checkpoints=-1"),
+    ("trainer.accelerator=quantum", "trainer.accelerator='quantum'"), ("trainer.eval_rows=0", "trainer.eval_rows=0"),
+    ("trainer.eval_samples=-1", "trainer.eval_samples=-1"), ("trainer.cpu_threads=0", "trainer.cpu_threads=0"),
+    ("gpo.samples_per_prompt=0", "gpo.samples_per_prompt=0"), ("estimator.k=0", "estimator.k=0"),
+    ("optimizer.beta=-1", "optimizer.beta=-1"), ("gpo.prompts_per_round=0", "gpo.prompts_per_round=0"),
+    ("gpo.max_generated_tokens=0", "gpo.max_generated_tokens=0"), ("gpo.reference_k=-1", "gpo.reference_k=-1"),
+    ("engine.temperature=-1", "engine.temperature=-1"), ("engine.top_p=0", "engine.top_p=0"),
+    ("engine.batch_size=0", "engine.batch_size=0"), ("engine.backend=vllm", "engine.backend='vllm'"),
+    ("logger.mode=sometimes", "logger.mode='sometimes'"), ("model.source=ftp", "model.source='ftp'"),
+    ("+model.dtype=int3", "model.dtype='int3'"), ("model.lora_r=-2", "model.lora_r=-2"),
+    ("model.lora_dropout=1.5", "model.lora_dropout=1.5"), ("model.source=hub", "model.path=None"),
+]
+
+
+@pytest.mark.parametrize("override,needle", BAD_CONFIGS, ids=[o for o, _ in BAD_CONFIGS])
+def test_bad_config_is_one_line_naming_the_value(compose, override, needle):
+    from gpo_exp.config import validate
+    from gpo_exp.registry import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        validate(compose([override]))
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_two_devices_refuse_the_single_device_strategy(compose):
+    from gpo_exp.config import validate
+    from gpo_exp.registry import ConfigError
+
+    with pytest.raises(ConfigError, match="when trainer.devices > 1"):
+        validate(compose(["trainer.devices=2", "trainer.strategy=single_device"]))
+
+
+# --- the end of a run: results first, then the weights ------------------------------------------
+
+
+def test_a_failed_final_save_is_recorded_and_keeps_the_results(compose, tmp_path, monkeypatch):
+    from omegaconf import OmegaConf
+    from transformers import PreTrainedModel
+
+    from gpo_exp.config import validate
+    from gpo_exp.run import apply_fast_dev_run, train
+
+    def disk_full(self, *a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", disk_full)
+    dcfg = compose(["trainer.fast_dev_run=true", "logger.wandb=false", "trainer.progress_bar=false"])
+    cfg = validate(dcfg)
+    apply_fast_dev_run(cfg)
+    summary = train(cfg, tmp_path, OmegaConf.to_container(dcfg, resolve=True))
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk["status"] == "ok" and on_disk["checkpoint_error"] == "OSError: [Errno 28] No space left on device"
+    assert on_disk["eval/accuracy_after"] == summary["eval/accuracy_after"] and on_disk["rounds"] == 1
+    assert (tmp_path / "resume" / "round001.ckpt").exists()  # the weights survive in the resume checkpoint

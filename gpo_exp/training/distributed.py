@@ -11,7 +11,9 @@ import os
 import socket
 import subprocess
 import sys
-from typing import Any, Sequence, TypeVar
+import threading
+from pathlib import Path
+from typing import Any, Callable, Sequence, TypeVar
 
 T = TypeVar("T")
 
@@ -72,19 +74,51 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def launch_ranks(devices: int, overrides: Sequence[str], run_dir: str) -> list[subprocess.Popen]:
+def quote(value: str) -> str:
+    """A Hydra override value that may hold '=', ',' or spaces (a sweep job's directory does)."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+_RANK_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+_saved_env: dict[str, str | None] = {}
+
+
+def end_ranks() -> None:
+    """After a job whose ranks this process launched: leave the process group and restore the environment."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    for k, v in _saved_env.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    _saved_env.clear()
+
+
+def launch_ranks(devices: int, overrides: Sequence[str], run_dir: str,
+                 on_failure: Callable[[str], None] | None = None) -> list[subprocess.Popen]:
     """Start ranks 1..devices-1 running this job (`python -m gpo_exp.run <job overrides>`) in run mode,
     and make this process rank 0, as Lightning's subprocess launcher does but without re-running
-    sys.argv (under `-m` that would relaunch the whole sweep in every child)."""
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    os.environ.update({"NODE_RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": str(devices)})
-    cmd = [sys.executable, "-m", "gpo_exp.run", *overrides, f"hydra.run.dir={run_dir}", "hydra.mode=RUN",
+    sys.argv (under `-m` that would relaunch the whole sweep in every child). A rank that dies calls
+    `on_failure` (rank 0 would otherwise wait for it in the process group forever)."""
+    _saved_env.update({k: os.environ.get(k) for k in _RANK_ENV})
+    os.environ.update({"MASTER_ADDR": os.environ.get("MASTER_ADDR", "127.0.0.1"), "MASTER_PORT": str(_free_port()),
+                       "NODE_RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": str(devices)})
+    cmd = [sys.executable, "-m", "gpo_exp.run", *overrides, f"hydra.run.dir={quote(run_dir)}", "hydra.mode=RUN",
            "hydra.job_logging.root.handlers=[console]"]
     procs = []
     for r in range(1, devices):
         env = {**os.environ, "LOCAL_RANK": str(r), CHILD_ENV: str(r)}
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL))  # rank 0 prints the run's lines
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)  # rank 0 prints the run's lines
+        procs.append(proc)
+
+        def watch(p: subprocess.Popen = proc, rank: int = r) -> None:
+            if p.wait() != 0 and on_failure is not None:
+                on_failure(f"rank {rank} exited with code {p.returncode}")
+
+        threading.Thread(target=watch, daemon=True).start()
     return procs
 
 
@@ -98,3 +132,32 @@ def requeue_if_slurm() -> bool:
         return subprocess.run(["scontrol", "requeue", job], capture_output=True, timeout=60).returncode == 0
     except (OSError, subprocess.SubprocessError):
         return False
+
+
+_claimed: Any = None  # this worker's GPU lock file, held for the process's life
+
+
+def claim_gpu(lock_dir: Path, n_gpus: int) -> int | None:
+    """Give this worker process a GPU of its own: the first free one (an flock'ed file per GPU under lock_dir),
+    exported as CUDA_VISIBLE_DEVICES before CUDA starts. Kept for the worker's life (loky reuses workers, and
+    CUDA cannot switch devices once initialised). None when there are no GPUs, the user chose devices
+    already, or every GPU is taken (more workers than GPUs: they share, as before)."""
+    import fcntl
+
+    global _claimed
+    if _claimed is not None:
+        return int(os.environ["CUDA_VISIBLE_DEVICES"])
+    if n_gpus <= 0 or "CUDA_VISIBLE_DEVICES" in os.environ:
+        return None
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    for gpu in range(n_gpus):
+        f = (lock_dir / f"gpu{gpu}.lock").open("w")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.close()
+            continue
+        _claimed = f
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
+        return gpu
+    return None
