@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from gpo_exp import rundir
 from gpo_exp.config import Resolved, register_configs, validate
 from gpo_exp.registry import ConfigError
+from gpo_exp.tiny_context import check_fits
 from gpo_exp.training import distributed
 
 log = logging.getLogger("gpo_exp")
@@ -112,6 +113,7 @@ def train(cfg: Resolved, run_dir: Path, config: dict[str, Any], overrides: list[
     train_rows, test_rows = benchmark.load("train"), benchmark.load("test")
     if cfg.trainer.eval_rows is not None:
         test_rows = test_rows[: cfg.trainer.eval_rows]
+    check_fits(cfg.model, benchmark, [*train_rows, *test_rows])  # before the warm start, not an IndexError in it
 
     t0 = time.perf_counter()
     policy, tokenizer, ws = warm_start(cfg.model, benchmark, cfg.warm_start)
@@ -253,6 +255,11 @@ def progress_bar(cfg: Resolved) -> list[Any]:
     return [RoundBar()]
 
 
+def hist_line(hist: list[int]) -> str:
+    """'0:7 1:6 ... 11+:0': trajectories per critical step index (the last bin collects later steps)."""
+    return " ".join(f"{i}{'+' if i == len(hist) - 1 else ''}:{n}" for i, n in enumerate(hist))
+
+
 def print_table(summary: dict[str, Any], run_dir: Path) -> None:
     rows = [("arm", summary["arm"]),
             ("greedy accuracy", f"{summary['eval/accuracy_before']:.3f} -> {summary['eval/accuracy_after']:.3f}")]
@@ -262,7 +269,7 @@ def print_table(summary: dict[str, Any], run_dir: Path) -> None:
     rows += [("rounds", summary["rounds"]), ("training examples", int(summary["gpo/examples"])),
              ("generated tokens", int(summary["rollout/generated_tokens"]))]
     if summary.get("gpo/critical_step_hist") is not None:
-        rows.append(("critical-step histogram", summary["gpo/critical_step_hist"]))
+        rows.append(("critical-step histogram", hist_line(summary["gpo/critical_step_hist"])))
         agree = summary.get("gpo/critical_agrees_first_error")
         rows.append(("critical == first wrong step", "n/a" if agree is None else
                      f"{agree:.2f} of {summary['gpo/agreement_n']} failed trajectories"))
@@ -382,6 +389,11 @@ def run_job(dcfg: DictConfig) -> float:
 
             print(interrupted_line(run_dir), flush=True)
         raise _Stop(130) from None
+    except ConfigError as e:  # found once the data is loaded (a benchmark file, the tiny model's context)
+        _error(str(e))
+        if rank0:
+            rundir.record_failure(run_dir, "failed", f"ConfigError: {e}", config, cfg.name)
+        raise _Stop(2) from None
     except SystemExit as e:  # Lightning ends a Ctrl-C'd fit with sys.exit(1), after the callback printed where the run is
         raise _Stop(130 if e.code == 1 else int(e.code or 0)) from None
     except Exception as e:  # noqa: BLE001 - any failure: one line here, the traceback in run.log, a failed summary

@@ -204,3 +204,51 @@ def test_a_failed_final_save_is_recorded_and_keeps_the_results(compose, tmp_path
     assert on_disk["status"] == "ok" and on_disk["checkpoint_error"] == "OSError: [Errno 28] No space left on device"
     assert on_disk["eval/accuracy_after"] == summary["eval/accuracy_after"] and on_disk["rounds"] == 1
     assert (tmp_path / "resume" / "round001.ckpt").exists()  # the weights survive in the resume checkpoint
+
+
+# --- launchers ------------------------------------------------------------------------------------
+
+
+def test_slurm_launcher_sizes_the_job_from_trainer_devices_and_requeues():
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=["+launcher=slurm", "trainer.devices=4"],
+                            return_hydra_config=True)
+    GlobalHydra.instance().clear()
+    launcher = cfg.hydra.launcher
+    assert (launcher.gpus_per_node, launcher.tasks_per_node, launcher.nodes) == (4, 4, 1)
+    assert launcher.max_num_timeout > 0 and launcher.signal_delay_s > 0 and list(launcher.setup) == []
+
+
+def test_joblib_workers_claim_distinct_gpus(tmp_path, monkeypatch):
+    import fcntl
+
+    from gpo_exp.training import distributed
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(distributed, "_claimed", None)
+    other = (tmp_path / "gpu0.lock").open("w")  # another worker holds GPU 0
+    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        assert distributed.claim_gpu(tmp_path, n_gpus=2) == 1
+        assert distributed.os.environ["CUDA_VISIBLE_DEVICES"] == "1"
+        assert distributed.claim_gpu(tmp_path, n_gpus=2) == 1  # a reused worker keeps its GPU
+    finally:
+        monkeypatch.setattr(distributed, "_claimed", None)
+        other.close()
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert distributed.claim_gpu(tmp_path, n_gpus=0) is None  # no GPUs: nothing set
+    assert "CUDA_VISIBLE_DEVICES" not in distributed.os.environ
+
+
+def test_shards_cover_the_rows_once_and_batches_split_for_every_rank():
+    from gpo_exp.training.datamodule import rank_slice
+    from gpo_exp.training.distributed import shard
+
+    for n in (0, 1, 7, 8):
+        parts = [shard(n, r, 3) for r in range(3)]
+        assert [i for s, e in parts for i in range(s, e)] == list(range(n))
+    batch = list(range(5))
+    assert [rank_slice(batch, r, 2) for r in range(2)] == [[0, 1, 2], [3, 4]]
+    assert [rank_slice([9], r, 2) for r in range(2)] == [[9], [9]]  # never an empty rank (DDP would hang)
