@@ -18,7 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline"}
 # 5 rounds of a few prompts: seconds per round, so a kill can land inside round 3.
-SMALL = ["trainer.rounds=5", "gpo.prompts_per_round=4", "gpo.examples_per_round=8", "trainer.eval_rows=8",
+SMALL = ["trainer.rounds=5", "gpo.prompts_per_round=3", "gpo.examples_per_round=6", "trainer.eval_rows=6",
          "trainer.eval_samples=1", "estimator.k=2", "logger.wandb=false", "trainer.progress_bar=false",
          "trainer.keep_checkpoints=2"]
 
