@@ -134,7 +134,7 @@ def train(cfg: Resolved, run_dir: Path, config: dict[str, Any], overrides: list[
     module.strict_loading = False  # resume checkpoints leave out the frozen weights (rebuilt above)
 
     engine = HFRolloutEngine(policy, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, cfg=cfg.engine,
-                             default_max_new_tokens=benchmark.cfg.max_new_tokens, progress=cfg.trainer.progress_bar)
+                             default_max_new_tokens=benchmark.cfg.max_new_tokens, progress=cfg.trainer.progress_bar and rank0)
     steps = cfg.gpo.steps or benchmark.cfg.steps
     sampler = PolicySampler(engine, tokenizer, benchmark, steps, chat_template=cfg.model.chat_template, seed=cfg.seed)
     estimator = ESTIMATORS.build(asdict(cfg.estimator)) if cfg.gpo.enabled else None
@@ -348,7 +348,7 @@ def run_job(dcfg: DictConfig) -> float:
         except ConfigError as e:
             _error(str(e))
             raise _Stop(2) from None
-        overrides = [f"resume={run_dir}"]  # what the other ranks need to run the same job
+        overrides = [f"resume={distributed.quote(str(run_dir))}"]  # what the other ranks need to run the same job
     if explicit_resume and rank0:
         rundir.reopen_failed(run_dir)  # resume=<dir> may continue a failed run from its checkpoints
     if rundir.is_finished(run_dir):
@@ -377,7 +377,11 @@ def run_job(dcfg: DictConfig) -> float:
         raise _Stop(2) from None
     _log_to(run_dir, enabled=rank0)
     if rank0 and rundir.saved_config(run_dir) is None:
-        rundir.write_hydra_files(run_dir, config, overrides, hc)  # type: ignore[arg-type]
+        try:
+            rundir.write_hydra_files(run_dir, config, overrides, hc)  # type: ignore[arg-type]
+        except OSError as e:  # read-only or full disk: nothing computed yet, nothing lost
+            _error(f"cannot write to the run directory {run_dir}: {rundir.one_line(e)}")
+            raise _Stop(2) from None
     log.info("arm %s | model %s | benchmark %s | estimator %s (K=%s) | %d rounds | run dir %s", cfg.name,
              cfg.model.name, cfg.benchmark.name, cfg.estimator.name if cfg.gpo.enabled else "-",
              getattr(cfg.estimator, "k", "-"), cfg.trainer.rounds, run_dir)
@@ -427,5 +431,37 @@ def main(dcfg: DictConfig) -> float:
         sys.exit(stop.code)
 
 
+def preflight(argv: list[str]) -> None:
+    """Before Hydra makes the run directory (its failure is a traceback): can the output location be written?
+    Checks the explicit hydra.run.dir / hydra.sweep.dir, else `outputs/`, by creating it and removing it again."""
+    wanted = "outputs"
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        if key.lstrip("+") in ("hydra.run.dir", "hydra.sweep.dir") and value:
+            wanted = value.strip("'\"").split("${")[0] or "."
+    target = Path(wanted)
+    missing = []
+    probe = target
+    while not probe.exists() and probe != probe.parent:
+        missing.append(probe)
+        probe = probe.parent
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        test = target / f".gpo_exp_write_test_{os.getpid()}"
+        test.write_text("")
+        test.unlink()
+    except OSError as e:
+        _error(f"cannot write the output directory {wanted}: {rundir.one_line(e)}; choose another with "
+               "hydra.run.dir=... (hydra.sweep.dir=... for -m)")
+        sys.exit(2)
+    finally:
+        for d in missing:  # leave nothing behind: Hydra creates what the run needs
+            try:
+                d.rmdir()
+            except OSError:
+                break
+
+
 if __name__ == "__main__":
+    preflight(sys.argv[1:])
     main()

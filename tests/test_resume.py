@@ -198,3 +198,19 @@ def test_a_multirun_of_bad_and_colliding_arms(tmp_path):
     assert rep.returncode == 0
     assert "GPO-DPO (optimizer.beta=0.1)" in rep.stdout and "GPO-DPO (optimizer.beta=0.5)" in rep.stdout
     assert "failed runs (2" in rep.stdout and rep.stdout.count("bad config estimator.k=0") == 2
+
+
+@pytest.mark.slow
+def test_ctrl_c_prints_where_the_partial_run_is(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(_cmd(*SMALL, f"hydra.run.dir={run_dir}"), cwd=ROOT, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not (run_dir / "resume" / "round001.ckpt").exists():
+        assert proc.poll() is None
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 130 and "Traceback" not in out + err
+    lines = [ln for ln in out.splitlines() if ln.startswith("interrupted:")]
+    assert len(lines) == 1 and f"resume={run_dir}" in lines[0] and "after round" in lines[0]
+    assert _run(f"resume={run_dir}").returncode == 0
