@@ -252,3 +252,55 @@ def test_shards_cover_the_rows_once_and_batches_split_for_every_rank():
     batch = list(range(5))
     assert [rank_slice(batch, r, 2) for r in range(2)] == [[0, 1, 2], [3, 4]]
     assert [rank_slice([9], r, 2) for r in range(2)] == [[9], [9]]  # never an empty rank (DDP would hang)
+
+
+# --- more bad inputs: where to write, what to resume, what fits, what diverges ---------------------
+
+
+def test_an_unwritable_output_directory_is_one_line_before_hydra(capsys):
+    from gpo_exp.run import preflight
+
+    with pytest.raises(SystemExit) as stop:
+        preflight(["trainer.rounds=2", "hydra.run.dir=/proc/gpo_exp_cannot_write_here"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot write the output directory /proc/gpo_exp_cannot_write_here") and err.count("\n") == 1
+
+
+def test_resume_of_a_directory_without_a_run_is_a_config_error(tmp_path):
+    from gpo_exp.registry import ConfigError
+    from gpo_exp.run import _resume_config
+
+    with pytest.raises(ConfigError, match=r"bad config resume=.*no run there"):
+        _resume_config(tmp_path)
+
+
+def test_a_benchmark_longer_than_the_tiny_context_stops_with_the_fix():
+    from gpo_exp.benchmarks import get
+    from gpo_exp.models.config import ModelConfig
+    from gpo_exp.registry import ConfigError
+    from gpo_exp.tiny_context import check_fits, tokens_needed
+
+    arith = get("arith")
+    assert tokens_needed(arith, arith.load("train")) <= 160  # the shipped warm start's max_len stays
+    check_fits(ModelConfig(), arith, arith.load("test"))
+    long_row = [{"prompt": "x" * 200, "answer": "1", "solution": "y"}]
+    with pytest.raises(ConfigError, match=r"model.max_len=160: benchmark arith needs 268 tokens.*model.max_len=268"):
+        check_fits(ModelConfig(), arith, long_row)
+    check_fits(ModelConfig(source="hub", path="x"), arith, long_row)  # hub models have their own context
+
+
+def test_a_diverging_run_ends_with_status_diverged_and_its_round(compose, tmp_path):
+    from omegaconf import OmegaConf
+
+    from gpo_exp.config import validate
+    from gpo_exp.run import apply_fast_dev_run, train
+
+    dcfg = compose(["trainer.fast_dev_run=true", "logger.wandb=false", "trainer.progress_bar=false", "optimizer.lr=1e9"])
+    cfg = validate(dcfg)
+    apply_fast_dev_run(cfg)
+    summary = train(cfg, tmp_path, OmegaConf.to_container(dcfg, resolve=True))
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert (on_disk["status"], on_disk["diverged_round"]) == ("diverged", 1) == (summary["status"], 1)
+    assert "non-finite" in on_disk["error"] and on_disk["eval/accuracy_before"] > 0  # round 0 is kept
+    assert not (tmp_path / "checkpoint").exists()  # no diverged weights saved as the run's result
