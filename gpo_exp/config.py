@@ -24,6 +24,15 @@ from gpo_exp.training.objectives import OPTIMIZERS
 from gpo_exp.training.warmstart import WarmStartConfig
 
 
+# Lightning strategies a run accepts (names as Lightning's StrategyRegistry spells them).
+STRATEGIES = ("auto", "ddp", "ddp_find_unused_parameters_true", "single_device", "fsdp", "deepspeed",
+              "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_2_offload", "deepspeed_stage_3",
+              "deepspeed_stage_3_offload")
+# Sharded strategies: each rank would hold a shard of the weights, but the rollout engine generates with the
+# whole policy on every rank (no gather-for-generation yet, as TRL's unwrap_model_for_generation does).
+SHARDED = tuple(s for s in STRATEGIES if s.startswith(("fsdp", "deepspeed")))
+
+
 @dataclass
 class TrainerConfig:
     rounds: int = 5  # GPO rounds: generate with the current policy, then train on what it produced
@@ -37,9 +46,21 @@ class TrainerConfig:
     save_checkpoint: bool = True  # save the final policy (HF format) in the run directory
     progress_bar: bool = True  # show progress bars for generation and training
     cpu_threads: int | None = None  # torch intra-op CPU threads; null: 1 for model=tiny (its matrices are too small to split; more threads oversubscribe cores), torch's default otherwise
+    strategy: str = "auto"  # Lightning strategy for devices > 1: auto | ddp | fsdp | deepspeed_stage_2 | ... (see STRATEGIES)
+    keep_checkpoints: int = 2  # round-boundary resume checkpoints kept in <run>/resume/ (the newest ones; 0: none written)
 
     def __post_init__(self) -> None:
         check(self.rounds >= 1, "trainer.rounds", self.rounds, ">= 1")
+        check(self.devices >= 1, "trainer.devices", self.devices, ">= 1")
+        check(self.strategy in STRATEGIES, "trainer.strategy", self.strategy, f"one of {', '.join(STRATEGIES)}")
+        check(self.keep_checkpoints >= 0, "trainer.keep_checkpoints", self.keep_checkpoints, ">= 0")
+        check(self.strategy not in SHARDED, "trainer.strategy", self.strategy,
+              "auto or ddp: fsdp/deepspeed shard the weights, and generation here needs the whole policy on every "
+              "rank (gathering it for generation is not implemented yet)")
+        check(self.devices == 1 or self.strategy != "single_device", "trainer.strategy", self.strategy,
+              "auto or ddp when trainer.devices > 1")
+        check(self.accelerator in ("cpu", "gpu", "cuda", "mps", "tpu", "auto"), "trainer.accelerator",
+              self.accelerator, "cpu, gpu, cuda, mps, tpu or auto")
         check(self.eval_samples >= 0, "trainer.eval_samples", self.eval_samples, ">= 0")
         check(self.eval_rows is None or self.eval_rows >= 1, "trainer.eval_rows", self.eval_rows, ">= 1 or null")
         check(self.cpu_threads is None or self.cpu_threads >= 1, "trainer.cpu_threads", self.cpu_threads, ">= 1 or null")
@@ -74,6 +95,7 @@ class RunConfig:
     warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
     seed: int = 0  # seed of the GPO run (prompt order, sampling, training); the warm start has its own
     name: str = "${arm:${gpo.enabled},${optimizer.name}}"  # the arm's name, e.g. gpo-dpo or dpo
+    resume: str | None = None  # a run directory to continue (from its last round checkpoint, with its own config); null: a new run
 
 
 @dataclass
@@ -97,10 +119,46 @@ def arm_name(enabled: Any, optimizer: str) -> str:
     return f"gpo-{optimizer}" if str(enabled).lower() == "true" else str(optimizer)
 
 
+def arm_label(name: Any, enabled: Any, estimator: Any, k: Any) -> str:
+    """The arm as a directory name: gpo-dpo_mc-k4, gpo-dpo_random, dpo (a baseline uses no estimator)."""
+    if str(enabled).lower() != "true":
+        return str(name)
+    return f"{name}_{estimator}" + ("" if k is None or str(k) in ("", "None", "null") else f"-k{k}")
+
+
+# Overrides already spelled by other parts of a job's directory name (the arm, the benchmark, the seed).
+_IN_ARM = ("optimizer", "optimizer.name", "gpo.enabled")
+_IN_GPO_ARM = ("estimator", "estimator.name", "estimator.k")
+_NOT_CONFIG = ("sweep", "launcher", "resume", "logger", "trainer.progress_bar")  # presets fixed across a sweep; where results are logged
+
+
+def job_subdir(name: Any, enabled: Any, optimizer: Any, estimator: Any, k: Any, benchmark: Any, seed: Any,
+               overrides: Any) -> str:
+    """A multirun job's directory: <arm>/<benchmark>/<other overrides, as Hydra's override_dirname>/seed<seed>.
+
+    Every override that is not already spelled by the arm, benchmark or seed is kept, so two jobs
+    with different configs never share a directory (e.g. `-m optimizer.beta=0.1,0.5`)."""
+    skip = {"seed", "benchmark", "benchmark.name", *_NOT_CONFIG}
+    if str(name) == arm_name(enabled, optimizer):  # the default name spells optimizer and gpo.enabled
+        skip.update(_IN_ARM)
+    if str(enabled).lower() == "true":
+        skip.update(_IN_GPO_ARM)
+    rest = []
+    for o in overrides or []:
+        key, _, value = str(o).partition("=")
+        key = key.lstrip("+~")
+        if key in skip or key.startswith("hydra.") or key.startswith("logger."):
+            continue
+        rest.append(f"{key}={value}".replace("/", "_"))
+    parts = [arm_label(name, enabled, estimator, k), str(benchmark), ",".join(sorted(rest)), f"seed{seed}"]
+    return "/".join(p for p in parts if p)
+
+
 def register_configs() -> None:
-    """Register the root schema and the `arm` resolver with Hydra (idempotent)."""
-    if not OmegaConf.has_resolver("arm"):
-        OmegaConf.register_new_resolver("arm", arm_name)
+    """Register the root schema and the `arm`, `arm_label` and `job_subdir` resolvers (idempotent)."""
+    for name, fn in (("arm", arm_name), ("arm_label", arm_label), ("job_subdir", job_subdir)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
     ConfigStore.instance().store(name="run_schema", node=RunConfig)
 
 

@@ -32,6 +32,7 @@ from gpo_exp.models.config import ModelConfig
 from gpo_exp.registry import ConfigError, check, to_dataclass
 from gpo_exp.rollout.engine import EngineConfig, HFRolloutEngine
 from gpo_exp.rollout.evaluate import EVAL_SEED, evaluate
+from gpo_exp.tiny_context import check_fits
 from gpo_exp.training.warmstart import WarmStartConfig
 
 log = logging.getLogger("gpo_exp")
@@ -129,7 +130,9 @@ def load_model(cfg: EvalConfig) -> tuple[Any, Any, str]:
         model, tok = load_hub(cfg.model)
         return model, tok, f"{cfg.model.name} ({cfg.model.source}: {cfg.model.path or cfg.model.package})"
     first = cfg.benchmarks[0]
-    model, tok, info = warm_start(cfg.model, BENCHMARKS.build(asdict(cfg.bench[first])), cfg.warm_start)
+    bench = BENCHMARKS.build(asdict(cfg.bench[first]))
+    check_fits(cfg.model, bench, bench.load("train"))  # the warm start trains on its solutions
+    model, tok, info = warm_start(cfg.model, bench, cfg.warm_start)
     return model, tok, f"{cfg.model.name} (warm start on {first}: {info['source']})"
 
 
@@ -153,6 +156,8 @@ def markdown_table(result: dict[str, Any]) -> str:
     for b, m in result["benchmarks"].items():
         cells = [b, str(m["n"]), *(f"{m[k]:.3f}" for k in metrics), f"{result['seconds'][b]:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
+    for b, msg in result.get("failed", {}).items():
+        lines.append(f"| {b} | failed: {msg} |")
     n = sum(m["n"] for m in result["benchmarks"].values())
     cells = ["avg", str(n), *(f"{v:.3f}" for v in result["avg"].values()), f"{result['seconds']['total']:.1f}"]
     lines.append("| " + " | ".join(cells) + " |")
@@ -198,15 +203,23 @@ def evaluate_model(cfg: DictConfig | dict[str, Any] | EvalConfig) -> dict[str, A
              cfg.max_rows or "all", cfg.samples)
     run = _wandb_run(cfg, out_dir, config)
     per_bench: dict[str, dict[str, float]] = {}
+    failed: dict[str, str] = {}  # a benchmark that cannot run is reported; the others' results are kept
     for label in cfg.benchmarks:
         t0 = time.perf_counter()
-        benchmark = BENCHMARKS.build(asdict(cfg.bench[label]))
-        rows = benchmark.load(cfg.split)[: cfg.max_rows]  # malformed rows are already skipped by load
-        engine = HFRolloutEngine(model, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
-                                 cfg=cfg.engine, default_max_new_tokens=benchmark.cfg.max_new_tokens)
-        sampler = PolicySampler(engine, tokenizer, benchmark, benchmark.cfg.steps,
-                                chat_template=cfg.model.chat_template, seed=cfg.seed)
-        per_bench[label] = {**evaluate(sampler, rows, cfg.samples, seed=cfg.seed), "n": len(rows)}
+        try:
+            benchmark = BENCHMARKS.build(asdict(cfg.bench[label]))
+            rows = benchmark.load(cfg.split)[: cfg.max_rows]  # malformed rows are already skipped by load
+            check_fits(cfg.model, benchmark, rows)
+            engine = HFRolloutEngine(model, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+                                     cfg=cfg.engine, default_max_new_tokens=benchmark.cfg.max_new_tokens)
+            sampler = PolicySampler(engine, tokenizer, benchmark, benchmark.cfg.steps,
+                                    chat_template=cfg.model.chat_template, seed=cfg.seed)
+            per_bench[label] = {**evaluate(sampler, rows, cfg.samples, seed=cfg.seed), "n": len(rows)}
+        except Exception as e:  # noqa: BLE001 - one benchmark's failure must not lose the others' results
+            msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            failed[label] = msg if isinstance(e, ConfigError) else f"{type(e).__name__}: {msg}"
+            print(f"error: {label}: {failed[label]}", file=sys.stderr, flush=True)
+            continue
         seconds[label] = time.perf_counter() - t0
         log.info("%s: %s (%d rows, %d tokens, %.1fs)", label,
                  ", ".join(f"{k} {v:.3f}" for k, v in per_bench[label].items() if k != "n"), len(rows),
@@ -215,7 +228,8 @@ def evaluate_model(cfg: DictConfig | dict[str, Any] | EvalConfig) -> dict[str, A
             run.log({f"eval/{label}/{k}": v for k, v in per_bench[label].items()})
     seconds["total"] = time.perf_counter() - t_start
     result = {"model": desc, "split": cfg.split, "samples": cfg.samples, "seed": cfg.seed,
-              "benchmarks": per_bench, "avg": average(per_bench), "seconds": seconds}
+              "benchmarks": per_bench, "avg": average(per_bench) if per_bench else {}, "seconds": seconds,
+              **({"failed": failed} if failed else {})}
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "eval.json").write_text(json.dumps({**result, "config": config}, indent=2, default=str))
@@ -237,6 +251,8 @@ def main(dcfg: DictConfig) -> dict[str, Any]:
     print(f"\n{result['model']}, {result['split']} split\n\n{markdown_table(result)}", flush=True)
     out = Path(dcfg.output_dir or HydraConfig.get().runtime.output_dir)
     print(f"\nwritten {out / 'eval.json'}", flush=True)
+    if result.get("failed") and not result["benchmarks"]:
+        sys.exit(2)
     return result
 
 

@@ -15,9 +15,13 @@ module walks PATH, groups runs into arms and writes into --out (default: PATH):
   Delta rows have n = n_gpo + n_base and an empty std. Run-level metrics (tokens, time) have benchmark "".
 - accuracy_vs_round.png, critical_steps.png, rollout_cost.png (see gpo_exp.report_plots).
 
-Arms: base optimizer name (nice casing), prefixed "GPO-" when config.gpo.enabled. When the GPO runs
-of one base optimizer differ in estimator or K, those become separate arms, e.g. "GPO-DPO (bisect)".
-A job dir with `.hydra/` but no summary.json is a failed/partial run; it is listed by its overrides.
+Arms: base optimizer name (nice casing), prefixed "GPO-" when config.gpo.enabled. Runs are pooled only
+when their configs differ in nothing but the seed (and settings that cannot change a result: logging,
+progress bars, checkpoint keeping): any other differing key splits the arm and is named in its label,
+e.g. "GPO-DPO (bisect)" or "DPO (optimizer.beta=0.5)".
+Jobs without results are listed, never silently dropped: failed ones (summary.json with status
+failed/diverged, with their one-line error), partial ones (`.hydra/` but no summary.json: killed or
+still running) and, for a Hydra multirun, jobs of the sweep (multirun.yaml) that have no directory at all.
 """
 from __future__ import annotations
 
@@ -211,16 +215,61 @@ def _read_rounds(path: Path) -> list[dict[str, Any]]:
 
 
 def collect_runs(path: str | Path) -> tuple[list[Run], list[str]]:
-    """Finished runs under `path` (dirs with summary.json) and names of failed ones (`.hydra/` only)."""
+    """Finished runs under `path` and labels of the jobs without results (failed, partial, never started)."""
+    runs, missing, failed = collect_jobs(path)
+    return runs, failed + missing
+
+
+def _expected_jobs(root: Path) -> list[list[str]] | None:
+    """The override list of every job of the basic-sweeper multirun whose multirun.yaml is in `root`."""
+    conf = _read_yaml(root / "multirun.yaml")
+    hydra = conf.get("hydra") if isinstance(conf, dict) else None
+    if not isinstance(hydra, dict):
+        return None
+    sweeper = hydra.get("sweeper") or {}
+    task = (hydra.get("overrides") or {}).get("task") or []
+    params = sweeper.get("params") or {}
+    if "BasicSweeper" not in str(sweeper.get("_target_", "")) or not (task or params):
+        return None
+    try:
+        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        lines = [f"{k}={v}" for k, v in params.items()] + [str(t) for t in task]
+        parsed = OverridesParser.create().parse_overrides(lines)
+        return [list(job) for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+    except Exception:  # noqa: BLE001 - an unparsable sweep only loses the "never started" list
+        return None
+
+
+def _normal(overrides: Sequence[str]) -> frozenset[str] | None:
+    """Overrides as Hydra's sweeper spells them (1e9 -> 1000000000.0), order-free, to match jobs to dirs."""
+    try:
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        parsed = OverridesParser.create().parse_overrides([str(o) for o in overrides])
+        return frozenset(f"{o.get_key_element()}={o.get_value_element_as_str()}" for o in parsed)
+    except Exception:  # noqa: BLE001 - not Hydra syntax: compare as written
+        return frozenset(map(str, overrides))
+
+
+def collect_jobs(path: str | Path) -> tuple[list[Run], list[str], list[str]]:
+    """(finished runs, missing jobs, failed jobs) under `path`.
+
+    Missing: a job dir with `.hydra/` but no summary.json (killed, partial), or a job of the multirun
+    (multirun.yaml at `path`) that has no directory. Failed: summary.json with status failed/diverged."""
     root = Path(path)
     if not root.is_dir():
         raise ReportError(f"not a directory: {root}")
     dirs = {p.parent for p in root.rglob("summary.json") if p.is_file()}
     dirs |= {p.parent for p in root.rglob(".hydra") if p.is_dir()}
-    runs, missing = [], []
+    runs, missing, failed = [], [], []
+    seen_jobs: set[frozenset[str] | None] = set()
     for d in sorted(dirs, key=lambda d: _natural_key(d.relative_to(root).as_posix())):
         rel = d.relative_to(root).as_posix()
         overrides = _read_yaml(d / ".hydra" / "overrides.yaml")
+        if isinstance(overrides, list):
+            seen_jobs.add(_normal(overrides))
         label = f"{' '.join(map(str, overrides))} ({rel})" if isinstance(overrides, list) and overrides else rel
         try:
             summary = json.loads((d / "summary.json").read_text())
@@ -232,11 +281,19 @@ def collect_runs(path: str | Path) -> tuple[list[Run], list[str]]:
         except (OSError, ValueError):
             missing.append(f"{label} [unreadable summary.json]")
             continue
+        status = summary.get("status", "ok")
+        if status != "ok":
+            where = f", round {summary['diverged_round']}" if summary.get("diverged_round") is not None else ""
+            failed.append(f"{label} [{status}{where}: {summary.get('error') or 'no error recorded'}]")
+            continue
         config = summary.get("config")
         if not isinstance(config, dict):  # older runs: fall back to Hydra's saved config
             config = _read_yaml(d / ".hydra" / "config.yaml") or {}
         runs.append(Run(rel, summary, config, _read_rounds(d / "rounds.jsonl")))
-    return runs, missing
+    for job in _expected_jobs(root) or []:
+        if _normal(job) not in seen_jobs:
+            missing.append(f"{' '.join(job)} [never started: no job directory]")
+    return runs, missing, failed
 
 
 def collect_wandb_runs(project: str) -> tuple[list[Run], list[str]]:
@@ -279,43 +336,60 @@ def _show(value: Any) -> str:
     return "null" if value is None else str(value)
 
 
-def _varying_estimator_fields(runs: Sequence[Run]) -> dict[str, list[str]]:
-    """Per estimator name, the config fields other than name and K that differ between its runs
-    (a sweep over estimator.temperature or estimator.select must not pool its arms)."""
-    by_name: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for run in runs:
-        est = run.cfg("estimator")
-        by_name[str(run.cfg("estimator.name", "?"))].append(est if isinstance(est, dict) else {})
-    out: dict[str, list[str]] = {}
-    for name, cfgs in by_name.items():
-        fields = sorted({f for c in cfgs for f in c} - {"name", "k"})
-        out[name] = [f for f in fields if len({_show(c.get(f)) for c in cfgs}) > 1]
+# Settings that cannot change a run's numbers: runs differing only in these (and the seed) are pooled.
+NEUTRAL_KEYS = ("seed", "name", "resume", "logger", "trainer.progress_bar", "trainer.save_checkpoint",
+                "trainer.keep_checkpoints", "trainer.cpu_threads", "engine.batch_size", "warm_start.cache_dir",
+                "hydra")
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        out.update(_flat(v, key) if isinstance(v, dict) and v else {key: v})
     return out
+
+
+def _neutral(key: str, gpo: bool) -> bool:
+    if not gpo and key.startswith("estimator."):  # the baseline runs no estimator
+        return True
+    return any(key == n or key.startswith(n + ".") for n in NEUTRAL_KEYS)
+
+
+def varying_keys(runs: Sequence[Run], gpo: bool) -> list[str]:
+    """Config keys (dotted) whose values differ between `runs`, other than the seed and neutral settings."""
+    flats = [_flat(run.config) for run in runs]
+    keys = sorted({k for f in flats for k in f})
+    return [k for k in keys if not _neutral(k, gpo) and len({_show(f.get(k)) for f in flats}) > 1]
 
 
 K_ESTIMATORS = ("mc", "bisect")  # estimators whose K (draws per probed prefix) labels the arm
 
 
 def group_arms(runs: Iterable[Run]) -> list[Arm]:
-    """Arms in table order: per base optimizer X, then GPO-X variants (most runs first)."""
+    """Arms in table order: per base optimizer X, then GPO-X variants (most runs first). Runs whose configs
+    differ in anything but the seed are never pooled: each differing key splits the arm and is in its label."""
     groups: dict[tuple[str, bool], list[Run]] = defaultdict(list)
     for run in runs:
         groups[(run.base, run.gpo)].append(run)
     arms: list[Arm] = []
     for (base, gpo), members in groups.items():
         nice = ("GPO-" if gpo else "") + NICE.get(base, base.upper())
+        extra = [k for k in varying_keys(members, gpo) if k not in ("estimator.name", "estimator.k")]
         variants: dict[tuple[str, str, tuple[tuple[str, str], ...]], list[Run]] = defaultdict(list)
-        extra = _varying_estimator_fields(members) if gpo else {}
         for run in members:  # the estimator only matters, and only splits rows, for GPO arms
-            name = str(run.cfg("estimator.name", "?"))
-            key = ((name, str(run.cfg("estimator.k", "?")),
-                    tuple((f, _show(run.cfg(f"estimator.{f}"))) for f in extra.get(name, ()))) if gpo else ("", "", ()))
+            flat = _flat(run.config)
+            fields = tuple((k, _show(flat.get(k))) for k in extra)
+            key = ((str(run.cfg("estimator.name", "?")), str(run.cfg("estimator.k", "?"))) if gpo else ("", "")) + (fields,)
             variants[key].append(run)
         vary_name = len({name for name, _, _ in variants}) > 1
         vary_k = len({k for _, k, _ in variants}) > 1
         for (name, k, fields), vruns in variants.items():
             show_k = vary_k and name in K_ESTIMATORS  # random/confidence have no K; adaptive's is only its mc fallback
-            parts = ([name] if vary_name else []) + ([f"K={k}"] if show_k else []) + [f"{f}={v}" for f, v in fields]
+            parts = ([name] if vary_name else []) + ([f"K={k}"] if show_k else [])
+            parts += [f"{f.removeprefix('estimator.')}={v}" for f, v in fields]
             arms.append(Arm(nice + (f" ({', '.join(parts)})" if parts else ""), base, gpo, vruns))
     rank = {name: i for i, name in enumerate(ORDER)}
     arms.sort(key=lambda a: (rank.get(a.base, len(ORDER)), a.base, a.gpo, -len(a.runs), a.label))
@@ -345,10 +419,11 @@ class Report:
 
     table_markdown: str  # the paper-shaped table (printed by main)
     rows: list[Row]  # every number, as in report.csv
-    missing: list[str]  # failed/partial runs, by overrides or relative path
+    missing: list[str]  # jobs without results: partial dirs and never-started sweep jobs, by overrides
     files: list[Path]  # report.md, report.csv and the PNGs that had data
     arms: list[Arm] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # caveats shown under the table
+    failed: list[str] = field(default_factory=list)  # jobs whose summary.json says failed/diverged, with the error
 
     def row(self, arm: str, benchmark: str, metric: str = DEFAULT_METRIC) -> Row:
         """The row for (arm, benchmark, metric); KeyError naming what exists otherwise."""
@@ -476,25 +551,28 @@ def _write_csv(path: Path, rows: list[Row]) -> None:
 
 
 def _write_markdown(path: Path, source: str, metric: str, table: str, notes: list[str], missing: list[str],
-                    pngs: list[Path]) -> None:
+                    pngs: list[Path], failed: Sequence[str] = ()) -> None:
     md = [f"# GPO report: {source}", "",
           f"`{metric}`{' in %' if 'accuracy' in metric else ''}: mean ± 95% CI half-width over seeds (Student t; "
           "mean only when n = 1). Avg: per-seed mean over benchmarks, then over seeds. Δ: difference of means "
           "with Welch's CI. before: Avg before training. gen. tokens, time: means over runs.", "", table, ""]
     if notes:
         md += ["Notes:", ""] + [f"- {n}" for n in notes] + [""]
+    if failed:
+        md += [f"Failed runs ({len(failed)}, not in the table):", ""] + [f"- {m}" for m in failed] + [""]
     if missing:
-        md += [f"Missing runs ({len(missing)}, failed or partial):", ""] + [f"- {m}" for m in missing] + [""]
+        md += [f"Missing runs ({len(missing)}, partial or never started):", ""] + [f"- {m}" for m in missing] + [""]
     md += [f"![{p.stem}]({p.name})" for p in pngs]
     path.write_text("\n".join(md) + "\n")
 
 
 def report_from_runs(runs: list[Run], missing: list[str], out_dir: str | Path, metric: str = DEFAULT_METRIC,
-                     source: str = ".") -> Report:
+                     source: str = ".", failed: Sequence[str] = ()) -> Report:
     """Aggregate runs into the table, report.md, report.csv and plots under out_dir."""
     if not runs:
-        failed = f"; {len(missing)} failed/partial job dirs: {', '.join(missing)}" if missing else ""
-        raise ReportError(f"no runs found under {source} (looked for summary.json){failed}")
+        lost = [*failed, *missing]
+        detail = f"; {len(lost)} job(s) without results: {'; '.join(lost)}" if lost else ""
+        raise ReportError(f"no runs found under {source} (looked for summary.json){detail}")
     benches_main = sorted({r.benchmark for r in runs if _number(r.summary.get(metric)) is not None})
     columns = benches_main + sorted({b for r in runs for b in r.scores(metric)} - set(benches_main))
     if not columns:
@@ -516,14 +594,15 @@ def report_from_runs(runs: list[Run], missing: list[str], out_dir: str | Path, m
 
     pngs = plot_all(arms, out, metric)
     _write_csv(out / "report.csv", rows)
-    _write_markdown(out / "report.md", source, metric, table, notes, missing, pngs)
-    return Report(table, rows, missing, [out / "report.md", out / "report.csv", *pngs], arms, notes)
+    _write_markdown(out / "report.md", source, metric, table, notes, missing, pngs, failed)
+    return Report(table, rows, missing, [out / "report.md", out / "report.csv", *pngs], arms, notes, list(failed))
 
 
 def build_report(path: str | Path, out_dir: str | Path | None = None, metric: str = DEFAULT_METRIC) -> Report:
     """Collect runs under `path` and write report.md, report.csv and PNGs to out_dir (default: path)."""
-    runs, missing = collect_runs(path)
-    return report_from_runs(runs, missing, out_dir if out_dir is not None else path, metric, source=str(path))
+    runs, missing, failed = collect_jobs(path)
+    return report_from_runs(runs, missing, out_dir if out_dir is not None else path, metric, source=str(path),
+                            failed=failed)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -548,8 +627,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(report.table_markdown)
     for note in report.notes:
         print(f"note: {note}")
+    if report.failed:
+        print(f"\nfailed runs ({len(report.failed)}, not in the table):")
+        print("\n".join(f"  {m}" for m in report.failed))
     if report.missing:
-        print(f"\nmissing runs ({len(report.missing)}, failed or partial):")
+        print(f"\nmissing runs ({len(report.missing)}, partial or never started):")
         print("\n".join(f"  {m}" for m in report.missing))
     print("\nwrote: " + ", ".join(str(p) for p in report.files))
     return 0

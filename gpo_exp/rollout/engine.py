@@ -16,11 +16,12 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import TYPE_CHECKING, Protocol, Sequence
 
 import torch
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel
+if TYPE_CHECKING:  # type only: config validation imports this module before transformers
+    from transformers import PreTrainedModel
 
 from gpo_exp.registry import check
 

@@ -14,13 +14,15 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from gpo_exp.benchmarks.base import StepsConfig
 from gpo_exp.registry import check
 from gpo_exp.rollout.estimators import ESTIMATORS, Estimator, agreement, critical_step_hist, status_counts
-from gpo_exp.rollout.sampler import PolicySampler
 from gpo_exp.rollout.types import Continuation, Group, Job, Localization, Trajectory
+
+if TYPE_CHECKING:  # type only: config validation imports GPOConfig before transformers
+    from gpo_exp.rollout.sampler import PolicySampler
 
 HIST_BINS = 12  # critical-step histogram bins (the last bin collects steps >= 11)
 
@@ -54,6 +56,7 @@ class RoundData:
     localizations: list[Localization] | None  # None in the baseline arm
     groups: list[Group]
     stats: dict[str, Any] = field(default_factory=dict)
+    counts: dict[str, Any] = field(default_factory=dict)  # raw generation counters (tokens, seconds) that merge across ranks
 
 
 def _hist(steps: Sequence[int]) -> list[int]:
@@ -99,51 +102,88 @@ def reset_groups(trajs: Sequence[Trajectory], locs: Sequence[Localization], samp
 
 
 def collect_round(rows: Sequence[dict[str, Any]], sampler: PolicySampler, estimator: Estimator | None,
-                  cfg: GPOConfig, seed: int) -> RoundData:
-    """Sample trajectories for `rows` and build this round's candidate groups (GPO or baseline)."""
+                  cfg: GPOConfig, seed: int, uid_start: int = 0) -> RoundData:
+    """Sample trajectories for `rows` and build this round's candidate groups (GPO or baseline).
+
+    A data-parallel rank passes its share of the round's rows and `uid_start` = the global index of its
+    first trajectory, so uids (and the estimators' per-uid randomness) match a one-process run's."""
     engine = sampler.engine
     tok0, t0 = engine.stats.generated_tokens, time.perf_counter()
-    trajs = sampler.trajectories(rows, cfg.samples_per_prompt)
-    traj_tokens = engine.stats.generated_tokens - tok0
+    trajs = sampler.trajectories(rows, cfg.samples_per_prompt, uid_start=uid_start) if rows else []
+    counts: dict[str, Any] = {"traj_tokens": engine.stats.generated_tokens - tok0}
+    gpo = cfg.enabled and estimator is not None
+    locs: list[Localization] | None = None
+    if not gpo:
+        groups = prompt_groups(trajs)
+    else:
+        locs = estimator.locate(trajs, sampler, seed) if trajs else []  # type: ignore[union-attr]
+        tok1 = engine.stats.generated_tokens
+        # probes drawn at another temperature are not samples of the policy: train only on fresh reset draws
+        groups = reset_groups(trajs, locs, sampler, cfg,
+                              cfg.reuse_estimation and estimator.cfg.temperature is None)  # type: ignore[union-attr]
+        counts["reset_tokens"] = engine.stats.generated_tokens - tok1
+    counts["time"] = time.perf_counter() - t0
+    counts["tokens"] = engine.stats.generated_tokens - tok0
+    if gpo and cfg.reference_k:
+        counts.update(reference_agreement(trajs, locs, sampler, cfg.reference_k, estimator.cfg.explore, seed))  # type: ignore[arg-type,union-attr]
+    data = RoundData(trajs, locs, groups, counts=counts)
+    data.stats = round_stats(data, cfg)
+    return data
+
+
+def merge_rounds(parts: Sequence[RoundData], cfg: GPOConfig) -> RoundData:
+    """One round from the ranks' shares (in rank order): lists concatenated, counters summed, stats recomputed."""
+    if len(parts) == 1:
+        return parts[0]
+    locs = None if parts[0].localizations is None else [loc for p in parts for loc in p.localizations or []]
+    counts: dict[str, Any] = {}
+    for p in parts:
+        for k, v in p.counts.items():
+            if k == "time":  # ranks generate in parallel: the round took as long as the slowest share
+                counts[k] = max(counts.get(k, 0.0), v)
+            elif not k.startswith("gpo/critical_agrees"):
+                counts[k] = counts.get(k, 0) + v
+    data = RoundData([t for p in parts for t in p.trajectories], locs, [g for p in parts for g in p.groups],
+                     counts=counts)
+    data.stats = round_stats(data, cfg)
+    return data
+
+
+def round_stats(data: RoundData, cfg: GPOConfig) -> dict[str, Any]:
+    """The round's logged statistics, from its trajectories, localizations and generation counters."""
+    trajs, locs, c = data.trajectories, data.localizations, data.counts
     stats: dict[str, Any] = {
         "rollout/trajectories": len(trajs),
         "rollout/train_accuracy": sum(t.reward for t in trajs) / max(1, len(trajs)),
         "rollout/mean_steps": sum(t.n_steps for t in trajs) / max(1, len(trajs)),
-        "rollout/trajectory_tokens": traj_tokens,
+        "rollout/trajectory_tokens": c["traj_tokens"],
     }
-    if not cfg.enabled or estimator is None:
-        groups = prompt_groups(trajs)
-        stats["time/rollout_s"] = time.perf_counter() - t0
-        stats["rollout/round_generated_tokens"] = engine.stats.generated_tokens - tok0
-        return RoundData(trajs, None, groups, stats)
-
-    locs = estimator.locate(trajs, sampler, seed)
-    explored = [loc for loc in locs if loc.status != "skipped"]
-    tok1 = engine.stats.generated_tokens
-    # probes drawn at another temperature are not samples of the policy: train only on fresh reset draws
-    groups = reset_groups(trajs, locs, sampler, cfg, cfg.reuse_estimation and estimator.cfg.temperature is None)
-    agree = agreement(locs, trajs)
-    counts = status_counts(locs)
-    stats.update({
-        "gpo/explored": len(explored),
-        "gpo/undetermined": counts.get("undetermined", 0),
-        "gpo/trivial": counts.get("trivial", 0),
-        "gpo/critical_step_hist": critical_step_hist(explored, HIST_BINS),
-        "gpo/first_error_hist": _hist([t.first_error for t in trajs if t.first_error is not None]),
-        "gpo/critical_agrees_first_error": agree["agreement"],
-        "gpo/agreement_n": agree["n"],
-        "gpo/agreement_hits": agree["hits"],
-        "gpo/rollouts_per_trajectory": sum(loc.rollouts for loc in explored) / max(1, len(explored)),
-        "gpo/rollout_tokens_per_trajectory": sum(loc.tokens for loc in explored) / max(1, len(explored)),
-        "gpo/estimation_tokens": sum(loc.tokens for loc in explored),
-        "gpo/reset_tokens": engine.stats.generated_tokens - tok1,
-        "gpo/reset_groups": len(groups),
-    })
-    stats["time/rollout_s"] = time.perf_counter() - t0
-    stats["rollout/round_generated_tokens"] = engine.stats.generated_tokens - tok0
-    if cfg.reference_k:
-        stats.update(reference_agreement(trajs, locs, sampler, cfg.reference_k, estimator.cfg.explore, seed))
-    return RoundData(trajs, locs, groups, stats)
+    if locs is not None:
+        explored = [loc for loc in locs if loc.status != "skipped"]
+        agree = agreement(locs, trajs)
+        counts = status_counts(locs)
+        stats.update({
+            "gpo/explored": len(explored),
+            "gpo/undetermined": counts.get("undetermined", 0),
+            "gpo/trivial": counts.get("trivial", 0),
+            "gpo/critical_step_hist": critical_step_hist(explored, HIST_BINS),
+            "gpo/first_error_hist": _hist([t.first_error for t in trajs if t.first_error is not None]),
+            "gpo/critical_agrees_first_error": agree["agreement"],
+            "gpo/agreement_n": agree["n"],
+            "gpo/agreement_hits": agree["hits"],
+            "gpo/rollouts_per_trajectory": sum(loc.rollouts for loc in explored) / max(1, len(explored)),
+            "gpo/rollout_tokens_per_trajectory": sum(loc.tokens for loc in explored) / max(1, len(explored)),
+            "gpo/estimation_tokens": sum(loc.tokens for loc in explored),
+            "gpo/reset_tokens": c["reset_tokens"],
+            "gpo/reset_groups": len(data.groups),
+        })
+    stats["time/rollout_s"] = c["time"]
+    stats["rollout/round_generated_tokens"] = c["tokens"]
+    if "gpo/reference_n" in c:
+        stats.update({k: v for k, v in c.items() if k.startswith("gpo/reference")})
+        if c["gpo/reference_n"]:
+            stats["gpo/critical_agrees_reference"] = c["gpo/reference_hits"] / c["gpo/reference_n"]
+    return stats
 
 
 def reference_agreement(trajs: Sequence[Trajectory], locs: Sequence[Localization], sampler: PolicySampler,

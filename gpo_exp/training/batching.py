@@ -6,18 +6,19 @@ for left padding. `loss_mask` marks the completion tokens a loss should count.
 Memory: log-probs never materialise the (B, T, V) logits. The decoder's last hidden state is read
 at the positions that predict a counted token only, and the output head runs on those rows in chunks
 of `LOGPROB_CHUNK_BYTES` of fp32 logits (gather minus logsumexp, "selective log-softmax" as in TRL).
-Under autograd each chunk is checkpointed, so the backward pass recomputes one block at a time
-instead of keeping all of them: memory beyond the activations is a few such blocks, independent of
-B * T and of the vocabulary.
+The backward pass recomputes one block at a time instead of keeping all of them, so memory beyond
+the activations is about one such block, independent of B * T and of the vocabulary.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from transformers import PreTrainedModel
+
+if TYPE_CHECKING:  # type only: config validation imports this module before transformers
+    from transformers import PreTrainedModel
 
 LOGPROB_CHUNK_BYTES = 128 * 2**20  # one fp32 (rows, V) block of logits: 220 rows at Qwen2's 151,936 vocabulary
 SCORE_MAX_TOKENS = 32_768  # padded tokens per no-grad scoring batch (reference precompute, old-policy pass)

@@ -60,7 +60,7 @@ class PolicyModule(pl.LightningModule):
         opt.step()
         opt.zero_grad(set_to_none=True)
         n = sum(int(p["input_ids"].shape[0]) for p in batch["micro"])
-        self.log("train/loss", total, prog_bar=True, batch_size=n)
+        self.log("train/loss", total, prog_bar=True, batch_size=n, sync_dist=True)  # DDP: the mean over ranks
         self.log_dict({f"train/{k}": v for k, v in metrics.items()}, batch_size=n)
         return total
 

@@ -18,10 +18,12 @@ import random
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+if TYPE_CHECKING:  # config validation imports this module before transformers (imported where used)
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from gpo_exp.registry import check
 from gpo_exp.training.batching import pad_sequences, sequence_logps
@@ -87,6 +89,8 @@ def cached_dir(cfg: WarmStartConfig, key: str) -> Path:
 def load_cached(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase] | None:
     if not (path / "done").exists():
         return None
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
 
 
