@@ -43,7 +43,6 @@ def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False  # a cache is useless (and warned about) when activations are recomputed
 
 
 def warn_pure_low_precision(model: PreTrainedModel, cfg: ModelConfig) -> None:
