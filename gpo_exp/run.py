@@ -69,6 +69,7 @@ def train(cfg: Resolved, run_dir: Path, config: dict[str, Any]) -> dict[str, Any
     from gpo_exp.models import disable_dropout
     from gpo_exp.models.lora import is_lora, policy_and_reference
     from gpo_exp.rollout.engine import HFRolloutEngine
+    from gpo_exp.rollout.evaluate import headline_metric
     from gpo_exp.rollout.estimators import ESTIMATORS
     from gpo_exp.rollout.sampler import PolicySampler
     from gpo_exp.training.datamodule import RolloutDataModule
@@ -114,7 +115,8 @@ def train(cfg: Resolved, run_dir: Path, config: dict[str, Any]) -> dict[str, Any
     estimator = ESTIMATORS.build(asdict(cfg.estimator)) if cfg.gpo.enabled else None
     dm = RolloutDataModule(objective, tokenizer.pad_token_id, seed=cfg.seed)
     rounds = GPORoundCallback(sampler, estimator, objective, dm, cfg.gpo, train_rows, test_rows,
-                              cfg.trainer.eval_samples, run_dir, cfg.seed)
+                              cfg.trainer.eval_samples, run_dir, cfg.seed,
+                              eval_greedy=cfg.trainer.eval_protocol == "greedy")
     trainer = pl.Trainer(
         max_epochs=cfg.trainer.rounds, accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices,
         precision=cfg.trainer.precision, gradient_clip_val=cfg.trainer.gradient_clip_val,
@@ -125,6 +127,7 @@ def train(cfg: Resolved, run_dir: Path, config: dict[str, Any]) -> dict[str, Any
     trainer.fit(module, datamodule=dm)
 
     summary = {"arm": cfg.name, "status": "ok", **rounds.summary(), "time/warmstart_s": ws_s,
+               "headline_metric": f"eval/{headline_metric(cfg.trainer.eval_protocol)}_after",  # what report/sweepers read
                "warm_start/source": ws["source"], "train/skipped_batches": module.skipped_batches,
                "time/total_s": time.perf_counter() - t_start, "config": config}
     if cfg.trainer.save_checkpoint:
@@ -141,8 +144,9 @@ def train(cfg: Resolved, run_dir: Path, config: dict[str, Any]) -> dict[str, Any
 
 
 def print_table(summary: dict[str, Any], run_dir: Path) -> None:
-    rows = [("arm", summary["arm"]),
-            ("greedy accuracy", f"{summary['eval/accuracy_before']:.3f} -> {summary['eval/accuracy_after']:.3f}")]
+    rows = [("arm", summary["arm"])]
+    if summary.get("eval/accuracy_before") is not None:
+        rows.append(("greedy accuracy", f"{summary['eval/accuracy_before']:.3f} -> {summary['eval/accuracy_after']:.3f}"))
     if "eval/sampled_accuracy_before" in summary:
         rows.append(("sampled accuracy", f"{summary['eval/sampled_accuracy_before']:.3f} -> "
                                          f"{summary['eval/sampled_accuracy_after']:.3f}"))
@@ -184,7 +188,7 @@ def main(dcfg: DictConfig) -> float:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print_table(summary, run_dir)
-    return float(summary["eval/accuracy_after"])  # what sweepers (optuna) maximise
+    return float(summary[summary["headline_metric"]])  # what sweepers (optuna) maximise: the run's headline
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ plus one YAML in conf/benchmark/.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -15,6 +16,8 @@ from gpo_exp.registry import ConfigError, Registry, check
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+_NUMBER = re.compile(r"-?\d[\d,]*\.?\d*")
+MAX_VOTE_CHARS = 8000  # final answers live at the end: only this tail is searched
 OVERFLOWS = ("tail", "balance")  # StepsConfig.overflow
 
 
@@ -66,6 +69,15 @@ class Benchmark:
     def score(self, completion: str, row: dict[str, Any]) -> float:
         """Final-answer correctness in [0, 1]. Never raises: an unparsable completion scores 0."""
         raise NotImplementedError
+
+    def final_answer(self, completion: str) -> str | None:
+        """The completion's final answer, for majority voting (maj@k): by default its last number."""
+        nums = _NUMBER.findall(completion[-MAX_VOTE_CHARS:])
+        return nums[-1].replace(",", "").rstrip(".") if nums else None
+
+    def same_answer(self, a: str, b: str) -> bool:
+        """Whether two final answers are the same answer (maj@k's vote groups). Default: equal strings."""
+        return a == b
 
     def first_wrong_step(self, steps: Sequence[str], row: dict[str, Any]) -> int | None:
         """Index of the first wrong step of a completion, or None when unknown or all correct."""

@@ -35,7 +35,7 @@ from typing import Any, Optional
 
 from gpo_exp.benchmarks.base import BENCHMARKS, SPLITS, Benchmark, BenchmarkConfig, StepsConfig
 from gpo_exp.benchmarks.graders import (extract_boxed, extract_choice, extract_final, extract_gsm8k, grade_math,
-                                        grade_number, normalize_text, number_str, score_gsm8k)
+                                        grade_number, math_equal, normalize_text, number_str, score_gsm8k)
 from gpo_exp.registry import ConfigError, check
 
 PROBE_TIMEOUT_S = 3.0  # how long the reachability probe may take before the hub counts as offline
@@ -301,6 +301,13 @@ class Gsm8k(HubBenchmark):
     def score(self, completion: str, row: dict[str, Any]) -> float:
         return score_gsm8k(completion, row["answer"])
 
+    def final_answer(self, completion: str) -> str | None:
+        """The number score_gsm8k grades: '#### N', else 'answer is N', else the last \\boxed{}."""
+        return extract_gsm8k(completion) or extract_boxed(completion)
+
+    def same_answer(self, a: str, b: str) -> bool:
+        return grade_number(a, b)
+
 
 @dataclass
 class MathConfig(HubConfig):
@@ -329,6 +336,13 @@ class Math500(HubBenchmark):
     def score(self, completion: str, row: dict[str, Any]) -> float:
         """math-verify equivalence of the completion's \\boxed{} answer with the gold LaTeX answer."""
         return float(grade_math(completion, row["answer"]))
+
+    def final_answer(self, completion: str) -> str | None:
+        """The last \\boxed{} answer (else the last number): voted on by math-verify equivalence."""
+        return extract_boxed(completion) or super().final_answer(completion)
+
+    def same_answer(self, a: str, b: str) -> bool:
+        return math_equal(a, b)
 
 
 def problem_key(text: Any) -> str:
@@ -498,6 +512,9 @@ class Bbh(HubBenchmark):
         gold = row["answer"]
         return score_choice(completion, gold) if _is_choice(gold) else score_free(completion, gold)
 
+    def final_answer(self, completion: str) -> str | None:
+        return extract_choice(completion) or extract_final(completion)
+
 
 @dataclass
 class DateConfig(HubConfig):
@@ -540,5 +557,8 @@ class Date(HubBenchmark):
 
     def score(self, completion: str, row: dict[str, Any]) -> float:
         return score_choice(completion, row["answer"], row.get("answer_text"))
+
+    def final_answer(self, completion: str) -> str | None:
+        return extract_choice(completion) or extract_final(completion)
 
 

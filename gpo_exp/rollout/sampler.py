@@ -47,7 +47,7 @@ class PolicySampler:
             traj = Trajectory(prompt_ids=prompt, completion_ids=g.ids, reward=self.reward(g.ids, row, g.finished),
                               step_ends=split_steps(g.ids, self.tokenizer, self.steps), row=row,
                               text=self.tokenizer.decode(g.ids, skip_special_tokens=True), uid=uid_start + i,
-                              token_logprobs=g.logprobs or None)
+                              token_logprobs=g.logprobs or None, finished=g.finished)
             if traj.reward == 0 and traj.n_steps:
                 traj.first_error = self.benchmark.first_wrong_step(
                     step_texts(g.ids, traj.step_ends, self.tokenizer), row)

@@ -59,10 +59,11 @@ class GPORoundCallback(pl.Callback):
     def __init__(self, sampler: PolicySampler, estimator: Estimator | None, objective: Objective,
                  datamodule: RolloutDataModule, gpo: GPOConfig, train_rows: Sequence[dict[str, Any]],
                  eval_rows: Sequence[dict[str, Any]], eval_samples: int, run_dir: Path, seed: int,
-                 reference: Any = None) -> None:
+                 reference: Any = None, eval_greedy: bool = True) -> None:
         self.sampler, self.estimator, self.objective, self.dm = sampler, estimator, objective, datamodule
         self.gpo, self.train_rows, self.eval_rows = gpo, list(train_rows), list(eval_rows)
         self.eval_samples, self.seed, self.reference = eval_samples, seed, reference
+        self.eval_greedy = eval_greedy  # False: the sampled protocol (no greedy decoding)
         self.data_dir = run_dir / "rounds"
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.history = RoundHistory()
@@ -156,7 +157,7 @@ class GPORoundCallback(pl.Callback):
 
     def _evaluate(self, trainer: pl.Trainer, r: int) -> None:
         t0 = time.perf_counter()
-        res = evaluate(self.sampler, self.eval_rows, self.eval_samples)
+        res = evaluate(self.sampler, self.eval_rows, self.eval_samples, greedy=self.eval_greedy)
         dt = time.perf_counter() - t0
         self.history.totals["time/eval_s"] += dt
         record = {"round": r, **{f"eval/{k}": v for k, v in res.items()},
@@ -171,7 +172,7 @@ class GPORoundCallback(pl.Callback):
         scalars = {k: float(v) for k, v in record.items() if isinstance(v, (int, float)) and k != "round"}
         for lg in trainer.loggers:
             lg.log_metrics({**scalars, "round": r}, step=trainer.global_step)
-        log.info("round %d eval: greedy %.3f%s (%.1fs)", r, res["accuracy"],
+        log.info("round %d eval: greedy %s%s (%.1fs)", r, f"{res['accuracy']:.3f}" if "accuracy" in res else "-",
                  f", sampled {res['sampled_accuracy']:.3f}" if "sampled_accuracy" in res else "", dt)
 
     def _save(self, r: int, data: RoundData, examples: list[dict[str, Any]]) -> None:
@@ -201,7 +202,7 @@ class GPORoundCallback(pl.Callback):
         h = self.history
         first, last = h.rounds[0], h.rounds[-1]
         out: dict[str, Any] = {
-            "eval/accuracy_before": first["eval/accuracy"], "eval/accuracy_after": last["eval/accuracy"],
+            "eval/accuracy_before": first.get("eval/accuracy"), "eval/accuracy_after": last.get("eval/accuracy"),
             "rounds": len(h.rounds) - 1, **h.totals,
         }
         for k in first:
