@@ -66,8 +66,7 @@ def make_loggers(cfg: Resolved, run_dir: Path, config: dict[str, Any]) -> list[A
 def train(cfg: Resolved, run_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
     """The whole experiment; returns the summary (also written to run_dir/summary.json)."""
     from gpo_exp.benchmarks import BENCHMARKS
-    from gpo_exp.models import disable_dropout
-    from gpo_exp.models.lora import is_lora, policy_and_reference
+    from gpo_exp.models.lora import is_lora
     from gpo_exp.rollout.engine import HFRolloutEngine
     from gpo_exp.rollout.evaluate import headline_metric
     from gpo_exp.rollout.estimators import ESTIMATORS
@@ -76,37 +75,25 @@ def train(cfg: Resolved, run_dir: Path, config: dict[str, Any]) -> dict[str, Any
     from gpo_exp.training.module import PolicyModule
     from gpo_exp.training.objectives import OPTIMIZERS
     from gpo_exp.training.rounds import GPORoundCallback
-    from gpo_exp.training.warmstart import warm_start
+    from gpo_exp.training.policy_setup import build_policy
 
     t_start = time.perf_counter()
     transformers.utils.logging.disable_progress_bar()  # per-file load/save bars would drown the round log
     if (run_dir / "summary.json").exists():
         raise ConfigError(f"run directory {run_dir} already holds a finished run; refusing to overwrite it")
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    threads = cfg.trainer.cpu_threads or (1 if cfg.model.source == "tiny" else None)
-    if threads:
-        torch.set_num_threads(threads)
     benchmark = BENCHMARKS.build(asdict(cfg.benchmark))
     train_rows, test_rows = benchmark.load("train"), benchmark.load("test")
     if cfg.trainer.eval_rows is not None:
         test_rows = test_rows[: cfg.trainer.eval_rows]
 
+    objective = OPTIMIZERS.build(asdict(cfg.optimizer))
     t0 = time.perf_counter()
-    policy, tokenizer, ws = warm_start(cfg.model, benchmark, cfg.warm_start)
+    policy, ref, tokenizer, value_head, ws = build_policy(cfg, benchmark, objective)
     ws_s = time.perf_counter() - t0
     log.info("warm start: %s (%.1fs)", ws["source"], ws_s)
-
-    if cfg.model.disable_dropout and (n := disable_dropout(policy)):
-        log.info("dropout: zeroed %d dropout rates in the policy (model.disable_dropout)", n)
-    objective = OPTIMIZERS.build(asdict(cfg.optimizer))
-    policy, ref = policy_and_reference(policy, cfg.model.lora_r, cfg.model.lora_alpha, cfg.model.lora_dropout,
-                                       cfg.model.lora_target_modules, reference=objective.uses_reference)
-    if cfg.model.lora_r > 0:
-        log.info("LoRA r=%d: %d trainable of %d parameters", cfg.model.lora_r,
-                 sum(p.numel() for p in policy.parameters() if p.requires_grad),
-                 sum(p.numel() for p in policy.parameters()))
-    value_head = objective.make_value_head(policy) if objective.uses_value_head else None
-    module = PolicyModule(policy, objective, ref=ref, value_head=value_head)
+    module = PolicyModule(policy, objective, ref=ref, value_head=value_head,
+                          gradient_clip_val=cfg.trainer.gradient_clip_val)
 
     engine = HFRolloutEngine(policy, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, cfg=cfg.engine,
                              default_max_new_tokens=benchmark.cfg.max_new_tokens, progress=cfg.trainer.progress_bar)
@@ -119,7 +106,7 @@ def train(cfg: Resolved, run_dir: Path, config: dict[str, Any]) -> dict[str, Any
                               eval_greedy=cfg.trainer.eval_protocol == "greedy")
     trainer = pl.Trainer(
         max_epochs=cfg.trainer.rounds, accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices,
-        precision=cfg.trainer.precision, gradient_clip_val=cfg.trainer.gradient_clip_val,
+        precision=cfg.trainer.precision,  # clipping: the module's (manual optimization)
         reload_dataloaders_every_n_epochs=1, num_sanity_val_steps=0, limit_val_batches=0,
         enable_checkpointing=False, enable_progress_bar=cfg.trainer.progress_bar, enable_model_summary=False,
         logger=make_loggers(cfg, run_dir, config) or False, callbacks=[rounds], log_every_n_steps=1,

@@ -68,10 +68,10 @@ def build(name: str, **kw):
     return OPTIMIZERS.build({**yaml, **kw})
 
 
-def prepare(obj, policy, ref, groups=GROUPS, limit=8):
+def prepare(obj, policy, ref, groups=GROUPS, limit=8, pairs_per_group=1):
     """make_examples + precompute as rounds.py does; the value head first, as run.py does."""
     head = obj.make_value_head(policy) if obj.uses_value_head else None
-    examples = obj.make_examples(groups, limit, random.Random(0), 1)
+    examples = obj.make_examples(groups, limit, random.Random(0), pairs_per_group)
     obj.precompute(examples, policy, ref if obj.uses_reference else None, PAD)
     return examples, head
 
@@ -348,7 +348,7 @@ def test_score_sequences_matches_per_sequence_logps_and_scores_duplicates_once(m
     seqs = [enc("1+2=a\n3\n"), enc("9+1=b10"), enc("1+2=a\n3\n"), enc("2+2=4"), enc("1+2=a\n3\n")]
     starts = [4, 4, 4, 4, 2]  # the last repeats a sequence with another start: a different score
     calls = []
-    hook = ref.register_forward_hook(lambda m, i, o: calls.append(1))
+    hook = ref.get_decoder().register_forward_hook(lambda m, i, o: calls.append(1))  # one decoder pass per batch
     try:
         got = score_sequences(ref, seqs, starts, PAD, batch_size=2)
     finally:
@@ -383,3 +383,44 @@ def test_pair_ends_mask_both_sides_and_precompute_agrees(models, name):
         assert got == pytest.approx(tuple(want), abs=1e-6)
     loss, _ = obj.loss(policy, obj.collate(examples, PAD), ref)
     assert torch.isfinite(loss)
+
+
+# ----------------------------------------------------------------------------- micro-batches
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("micro", [1, 2])
+def test_micro_batches_accumulate_the_full_batch_gradient(models, name, micro):
+    """sum_i w_i * grad loss(micro_i) equals grad loss(full batch) to 1e-5 for every objective,
+    including KTO's batch KL point and the token means of PPO and GRPO."""
+    policy, ref = models
+    obj = build(name, batch_size=4, micro_batch_size=micro)
+    ex, head = prepare(obj, policy, ref, limit=8, pairs_per_group=4)
+    ex = unique(ex)[:4]
+    assert len(ex) == 4
+    r = ref if obj.uses_reference else None
+    params = list(policy.parameters()) + (list(head.parameters()) if head is not None else [])
+
+    def grads(loss: torch.Tensor) -> list[torch.Tensor]:
+        return [g if g is not None else torch.zeros_like(p)
+                for p, g in zip(params, torch.autograd.grad(loss, params, allow_unused=True))]
+
+    full_loss = obj.loss(policy, obj.collate(ex, PAD), r, head)[0]
+    full = grads(full_loss)
+    step = obj.collate_step(ex, PAD)
+    assert len(step["micro"]) == 4 // micro and sum(step["weights"]) == pytest.approx(1.0)
+    ctx = obj.step_context(policy, r, step)
+    acc = [torch.zeros_like(p) for p in params]
+    total = 0.0
+    for part, w in zip(step["micro"], step["weights"]):
+        loss = obj.loss(policy, part, r, head, ctx)[0] * w
+        total += loss.item()
+        acc = [a + g for a, g in zip(acc, grads(loss))]
+    assert total == pytest.approx(full_loss.item(), abs=1e-6)
+    assert max((a - f).abs().max().item() for a, f in zip(acc, full)) < 1e-5
+    assert max(f.abs().max().item() for f in full) > 1e-4  # the gradient compared is not trivially zero
+
+
+def test_micro_batch_must_divide_the_batch():
+    with pytest.raises(ConfigError, match=r"optimizer.micro_batch_size=3: must be null or a divisor of optimizer.batch_size=16"):
+        OPTIMIZERS.config({"name": "dpo", "micro_batch_size": 3})

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -11,16 +12,18 @@ from gpo_exp.models.hub import load_hub
 from gpo_exp.models.tiny import char_tokenizer, tiny_model
 
 
-def build_base(cfg: ModelConfig, texts: Sequence[str]) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The model before any warm start. `texts` (the task's prompts and solutions) define tiny's vocabulary."""
+def build_base(cfg: ModelConfig, texts: Sequence[str], device: torch.device | None = None
+               ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The model before any warm start. `texts` (the task's prompts and solutions) define tiny's vocabulary;
+    hub models load onto `device` (tiny is built on the CPU, where its shipped warm start was trained)."""
     if cfg.source == "tiny":
         tokenizer = char_tokenizer(texts)
         return tiny_model(cfg, tokenizer), tokenizer
     if cfg.source == "random":
         from gpo_exp.models.random_init import random_model
 
-        return random_model(cfg)
-    return load_hub(cfg)
+        return random_model(cfg, device)
+    return load_hub(cfg, device)
 
 
 def disable_dropout(model: nn.Module) -> int:

@@ -28,8 +28,9 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_hub(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Model (eval mode) and tokenizer for `cfg.source` hub or gguf. Sets pad = eos when pad is missing."""
+def load_hub(cfg: ModelConfig, device: torch.device | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Model (eval mode, on `device`) and tokenizer for `cfg.source` hub or gguf. Sets pad = eos when
+    pad is missing. A GPU `device` loads the weights straight onto it (no host copy of a 7B model)."""
     if cfg.source == "hub":
         path = _resolve_hub_path(cfg)
     elif cfg.source == "gguf":
@@ -37,8 +38,16 @@ def load_hub(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase
     else:
         raise ConfigError(f"bad config model.source={cfg.source!r}: load_hub handles hub or gguf")
     t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.dtype])
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    on_gpu = device is not None and device.type == "cuda"
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.dtype], trust_remote_code=False,
+                                                     **({"device_map": {"": str(device)}} if on_gpu else {}))
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except ValueError as e:
+        if "trust_remote_code" not in str(e):
+            raise
+        raise ConfigError(f"bad config model.path={cfg.path!r}: the model needs its own code (trust_remote_code); "
+                          f"gpo-exp runs only architectures that transformers implements") from None
     _ensure_pad(model, tokenizer)
     log.info("loaded %s (%s, %s) from %s in %.1fs", cfg.name, cfg.source, cfg.dtype, path, time.perf_counter() - t0)
     return model.eval(), tokenizer

@@ -7,22 +7,33 @@ off gives pi_ref exactly, so no second copy of the weights is kept (TRL does the
 from __future__ import annotations
 
 import copy
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from gpo_exp.registry import ConfigError
+
 
 def apply_lora(model: PreTrainedModel, r: int, alpha: float, dropout: float,
-               target_modules: list[str] | None) -> PreTrainedModel:
+               target_modules: list[str] | str | None) -> PreTrainedModel:
     """Wrap `model` in a peft LoRA model: only the rank-`r` adapters train, the base weights are frozen."""
     import peft  # optional dependency: only LoRA runs need it
 
-    cfg = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, task_type="CAUSAL_LM",
-                          target_modules=list(target_modules) if target_modules else None,
+    targets = target_modules if isinstance(target_modules, str) or target_modules is None else list(target_modules)
+    cfg = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, task_type="CAUSAL_LM", target_modules=targets,
                           fan_in_fan_out=model.config.model_type == "gpt2")  # GPT-2 stores Conv1D weights transposed
-    return peft.get_peft_model(model, cfg)
+    try:
+        return peft.get_peft_model(model, cfg)
+    except ValueError as e:  # peft: "Target modules {...} not found in the base model ..."
+        if "not found in the base model" not in str(e) and "target_modules" not in str(e):
+            raise
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, (nn.Linear,))}
+                       | {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__ == "Conv1D"})
+        raise ConfigError(f"bad config model.lora_target_modules={target_modules!r}: matches no module of "
+                          f"{type(model).__name__}; its linear layers are {', '.join(names)} (or use all-linear)") from None
 
 
 def is_lora(model: nn.Module) -> bool:
@@ -51,19 +62,25 @@ class AdapterOffReference(nn.Module):
     def device(self) -> torch.device:
         return next(self.policy.parameters()).device
 
-    def forward(self, **kwargs: Any) -> Any:
+    @contextmanager
+    def adapters_off(self) -> Iterator[None]:
+        """The policy as the reference: adapters disabled, eval mode (no dropout), no gradient."""
         policy = self.policy
         was_training = policy.training
-        policy.eval()  # the reference never sees dropout
+        policy.eval()
         try:
             with torch.no_grad(), policy.disable_adapter():
-                return policy(**kwargs)
+                yield
         finally:
             policy.train(was_training)
 
+    def forward(self, **kwargs: Any) -> Any:
+        with self.adapters_off():
+            return self.policy(**kwargs)
+
 
 def policy_and_reference(model: PreTrainedModel, lora_r: int = 0, lora_alpha: float = 16.0,
-                         lora_dropout: float = 0.0, lora_target_modules: list[str] | None = None,
+                         lora_dropout: float = 0.0, lora_target_modules: list[str] | str | None = None,
                          reference: bool = True) -> tuple[PreTrainedModel, nn.Module | None]:
     """(policy to train, frozen reference or None); `model` becomes the policy.
 

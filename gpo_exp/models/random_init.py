@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, replace
 
+import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Qwen2Config, Qwen2ForCausalLM
 
 from gpo_exp.models.config import ModelConfig
@@ -87,15 +88,13 @@ def small_config(shape: Shape, cfg: ModelConfig, vocab_size: int, special: dict[
                        tie_word_embeddings=shape.tie_word_embeddings, attention_dropout=0.0, **special)
 
 
-def random_model(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A random-init twin of the preset's model (see module doc) and SmolLM2's tokenizer."""
+def random_model(cfg: ModelConfig, device: torch.device | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A random-init twin of the preset's model (see module doc), on `device`, and SmolLM2's tokenizer."""
     _, tokenizer = load_hub(replace(STAND_IN_TOKENIZER, dtype="float32"))
-    if cfg.require_chat_template and not getattr(tokenizer, "chat_template", None):
-        raise ConfigError("model.require_chat_template: the stand-in tokenizer has no chat template")
     special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                    pad_token_id=tokenizer.pad_token_id)
     conf = small_config(shape_of(cfg), cfg, len(tokenizer), special)
-    model = Qwen2ForCausalLM(conf).to(DTYPES[cfg.dtype])
+    model = Qwen2ForCausalLM(conf).to(device=device, dtype=DTYPES[cfg.dtype])
     log.info("random-init %s twin of %s: %d layers, hidden %d, %d/%d heads, %.1fM parameters (real: %.2fB), "
              "SmolLM2 tokenizer", type(model).__name__, cfg.path, conf.num_hidden_layers, conf.hidden_size,
              conf.num_attention_heads, conf.num_key_value_heads, sum(p.numel() for p in model.parameters()) / 1e6,

@@ -14,7 +14,7 @@ from gpo_exp.training.objectives import Objective
 def _collate(examples: list[dict[str, Any]], objective: Objective, pad_id: int) -> dict[str, Any]:
     if examples and examples[0].get("skip"):
         return {"skip": True}
-    return objective.collate(examples, pad_id)
+    return objective.collate_step(examples, pad_id)  # micro-batches with their loss weights
 
 
 class RolloutDataModule(pl.LightningDataModule):

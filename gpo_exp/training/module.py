@@ -1,4 +1,11 @@
-"""The LightningModule: the policy, a frozen reference, and the base optimizer's loss."""
+"""The LightningModule: the policy, a frozen reference, and the base optimizer's loss.
+
+Manual optimization, so one optimizer step can accumulate micro-batches: each step's data arrives
+as micro-batches with loss weights (`Objective.collate_step`), every weighted micro-loss is
+back-propagated on its own (activations of one micro-batch alive at a time), then the step clips
+and updates once. The accumulated gradient is the full batch's, including losses that need the whole
+batch (KTO's KL point via `step_context`, token means via the weights).
+"""
 from __future__ import annotations
 
 from typing import Any
@@ -13,8 +20,9 @@ from gpo_exp.training.objectives import Objective
 
 class PolicyModule(pl.LightningModule):
     def __init__(self, policy: PreTrainedModel, objective: Objective, ref: PreTrainedModel | None = None,
-                 value_head: nn.Module | None = None) -> None:
+                 value_head: nn.Module | None = None, gradient_clip_val: float | None = 1.0) -> None:
         super().__init__()
+        self.automatic_optimization = False  # micro-batch accumulation inside one step (see module doc)
         self.policy = policy
         self.objective = objective
         self.ref = ref
@@ -22,6 +30,7 @@ class PolicyModule(pl.LightningModule):
             ref.requires_grad_(False)
             ref.eval()
         self.value_head = value_head
+        self.gradient_clip_val = gradient_clip_val
         self.skipped_batches = 0  # batches with no preference signal (nothing to learn from)
 
     def on_train_epoch_start(self) -> None:
@@ -33,13 +42,27 @@ class PolicyModule(pl.LightningModule):
         if batch.get("skip"):
             self.skipped_batches += 1
             self.log("train/skipped_batches", float(self.skipped_batches))
-            return None  # Lightning skips the optimizer step
-        loss, metrics = self.objective.loss(self.policy, batch, self.ref, self.value_head)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite {self.objective.cfg.name} loss {loss.item()} at step {self.global_step}")
-        self.log("train/loss", loss, prog_bar=True, batch_size=int(batch["input_ids"].shape[0]))
-        self.log_dict({f"train/{k}": float(v) for k, v in metrics.items()}, batch_size=int(batch["input_ids"].shape[0]))
-        return loss
+            return None  # no optimizer step
+        opt = self.optimizers()
+        context = self.objective.step_context(self.policy, self.ref, batch)
+        total = torch.zeros((), device=self.device)
+        metrics: dict[str, float] = {}
+        for part, weight in zip(batch["micro"], batch["weights"]):
+            loss, m = self.objective.loss(self.policy, part, self.ref, self.value_head, context)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite {self.objective.cfg.name} loss {loss.item()} at step {self.global_step}")
+            self.manual_backward(loss * weight)
+            total += loss.detach() * weight
+            for k, v in m.items():  # metrics averaged with the loss weights
+                metrics[k] = metrics.get(k, 0.0) + weight * float(v)
+        if self.gradient_clip_val:
+            self.clip_gradients(opt, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        n = sum(int(p["input_ids"].shape[0]) for p in batch["micro"])
+        self.log("train/loss", total, prog_bar=True, batch_size=n)
+        self.log_dict({f"train/{k}": v for k, v in metrics.items()}, batch_size=n)
+        return total
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [p for p in self.policy.parameters() if p.requires_grad]  # LoRA: the adapters only

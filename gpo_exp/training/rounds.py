@@ -72,21 +72,23 @@ class GPORoundCallback(pl.Callback):
 
     # --- Lightning hooks ------------------------------------------------------------------------
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._evaluate(trainer, 0)
-        self._collect(trainer, pl_module, 1)
+        with trainer.precision_plugin.forward_context():  # generation and scoring in the trainer's precision (bf16 autocast)
+            self._evaluate(trainer, 0)
+            self._collect(trainer, pl_module, 1)
         self._train_t0 = time.perf_counter()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.history.totals["time/train_s"] += time.perf_counter() - self._train_t0
         r = trainer.current_epoch + 1
-        self._evaluate(trainer, r)
-        budget = self.gpo.max_generated_tokens
-        if budget is not None and self.history.totals["rollout/generated_tokens"] >= budget:
-            log.info("token budget reached (%d >= %d): stopping after round %d",
-                     self.history.totals["rollout/generated_tokens"], budget, r)
-            trainer.should_stop = True
-        elif r < trainer.max_epochs:
-            self._collect(trainer, pl_module, r + 1)
+        with trainer.precision_plugin.forward_context():
+            self._evaluate(trainer, r)
+            budget = self.gpo.max_generated_tokens
+            if budget is not None and self.history.totals["rollout/generated_tokens"] >= budget:
+                log.info("token budget reached (%d >= %d): stopping after round %d",
+                         self.history.totals["rollout/generated_tokens"], budget, r)
+                trainer.should_stop = True
+            elif r < trainer.max_epochs:
+                self._collect(trainer, pl_module, r + 1)
         self._train_t0 = time.perf_counter()
 
     # --- one round --------------------------------------------------------------------------------

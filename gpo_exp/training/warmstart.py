@@ -8,6 +8,7 @@ it in seconds.
 from __future__ import annotations
 
 import hashlib
+from contextlib import nullcontext
 import json
 import logging
 import math
@@ -89,10 +90,16 @@ def load_cached(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase] |
     return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
 
 
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The autocast dtype of a Lightning precision setting (None: full precision)."""
+    return {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(str(precision))
+
+
 def supervised_finetune(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[list[int]],
                         solutions: Sequence[list[int]], cfg: WarmStartConfig,
-                        progress: Callable[[int, float], None] | None = None) -> list[float]:
-    """Train on prompt + solution + eos, loss on the solution tokens only. Returns the loss curve."""
+                        progress: Callable[[int, float], None] | None = None, precision: str = "32-true") -> list[float]:
+    """Train on prompt + solution + eos, loss on the solution tokens only, where the model's weights
+    are (its device), under autocast for a mixed `precision`. Returns the loss curve."""
     rng = random.Random(cfg.seed)
     seqs = [p + s + [tokenizer.eos_token_id] for p, s in zip(prompts, solutions)]
     starts = [len(p) for p in prompts]
@@ -104,12 +111,14 @@ def supervised_finetune(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBa
         frac = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
         return cfg.lr * 0.5 * (1 + math.cos(math.pi * frac))
 
+    device, amp = next(model.parameters()).device, autocast_dtype(precision)
     model.train()
     losses = []
     for step in range(cfg.steps):
         idx = rng.sample(range(len(seqs)), min(cfg.batch_size, len(seqs)))
         batch = pad_sequences([seqs[i] for i in idx], [starts[i] for i in idx], tokenizer.pad_token_id)
-        logp, n = sequence_logps(model, batch)
+        with torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext():
+            logp, n = sequence_logps(model, {k: v.to(device) for k, v in batch.items()})
         loss = -(logp.sum() / n.sum())
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
@@ -140,12 +149,15 @@ def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
 
 
 def warm_start(model_cfg: Any, benchmark: Any, cfg: WarmStartConfig,
-               progress: Callable[[int, float], None] | None = None
-               ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict[str, Any]]:
+               progress: Callable[[int, float], None] | None = None, device: torch.device | None = None,
+               precision: str = "32-true") -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict[str, Any]]:
     """The warm-started policy for (model, benchmark): loaded from cache, or trained and cached.
 
     Lookup order: the user cache, then checkpoints shipped in gpo_exp/assets (made by this same
     function; see `python -m gpo_exp.warmstart`), then training. Returns (model, tokenizer, info).
+    `warm_start.enabled=auto` trains only models built from random weights (tiny); a pretrained
+    model asked to warm-start explicitly trains on `device` (the trainer's) at its own lr, under the
+    trainer's `precision`. Tiny always trains on the CPU, where its shipped checkpoint was made.
     """
     from gpo_exp.models import build_base
     from gpo_exp.models.prompting import encode_prompt
@@ -156,8 +168,9 @@ def warm_start(model_cfg: Any, benchmark: Any, cfg: WarmStartConfig,
         rows = rows[: cfg.max_rows]
     key = warm_start_key(model_cfg, benchmark.cfg, cfg)
     info: dict[str, Any] = {"key": key, "source": "none", "seconds": 0.0}
+    pretrained = model_cfg.source != "tiny"
     if not cfg.enabled or cfg.steps == 0:
-        model, tok = build_base(model_cfg, [benchmark.prompt(r) + r.get("solution", "") for r in rows])
+        model, tok = build_base(model_cfg, [benchmark.prompt(r) + r.get("solution", "") for r in rows], device)
         return model, tok, info
     for path, source in ((cached_dir(cfg, key), "cache"), (SHIPPED / key, "shipped")):
         if not cfg.force and (loaded := load_cached(path)) is not None:
@@ -167,10 +180,15 @@ def warm_start(model_cfg: Any, benchmark: Any, cfg: WarmStartConfig,
         raise ValueError(f"benchmark {benchmark.name} has no worked solutions; set warm_start.enabled=false")
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
-    model, tok = build_base(model_cfg, [benchmark.prompt(r) + r["solution"] for r in rows])
+    model, tok = build_base(model_cfg, [benchmark.prompt(r) + r["solution"] for r in rows], device)
+    if pretrained:
+        model.to(device or torch.device("cpu"))
+        log.info("warm start: supervised fine-tuning of pretrained %s on %s: %d steps, lr %g, precision %s",
+                 model_cfg.name, next(model.parameters()).device, cfg.steps, cfg.lr, precision)
     prompts = [encode_prompt(tok, benchmark.prompt(r), model_cfg.chat_template) for r in rows]
     solutions = [tok(r["solution"], add_special_tokens=False).input_ids for r in rows]
-    losses = supervised_finetune(model, tok, prompts, solutions, cfg, progress)
+    losses = supervised_finetune(model, tok, prompts, solutions, cfg, progress,
+                                 precision=precision if pretrained else "32-true")
     seconds = time.perf_counter() - t0
     path = cached_dir(cfg, key)
     save_checkpoint(model, tok, path, {"key": key, "seconds": seconds, "final_loss": losses[-1] if losses else None,

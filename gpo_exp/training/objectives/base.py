@@ -30,10 +30,14 @@ class OptimizerConfig:
     epochs_per_round: int = 1  # passes over one round's examples
     precompute_ref: bool = True  # reference log-probs once when the data is built (false: in every step)
     loss_mask: str = "completion"  # completion: every token after the prompt (paper) | continuation: only after the shared prefix
+    micro_batch_size: int | None = None  # examples per forward/backward; the step accumulates batch_size / micro_batch_size of them (same loss and gradient); null: the whole batch at once
 
     def __post_init__(self) -> None:
         check(self.lr > 0, "optimizer.lr", self.lr, "> 0")
         check(self.batch_size >= 1, "optimizer.batch_size", self.batch_size, ">= 1")
+        m = self.micro_batch_size
+        check(m is None or (m >= 1 and self.batch_size % m == 0), "optimizer.micro_batch_size", m,
+              f"null or a divisor of optimizer.batch_size={self.batch_size}")
         check(self.epochs_per_round >= 1, "optimizer.epochs_per_round", self.epochs_per_round, ">= 1")
         check(self.loss_mask in LOSS_MASKS, "optimizer.loss_mask", self.loss_mask, f"one of {', '.join(LOSS_MASKS)}")
 
@@ -42,6 +46,7 @@ class Objective:
     """Base class. `kind` says what examples are: pairs | unpaired | rollouts."""
 
     kind = "pairs"
+    reduction = "examples"  # what the loss averages over: examples (a mean of per-example losses) | tokens (a masked mean over the batch's tokens)
     uses_reference = True  # SimPO and ORPO train without a reference model
     uses_value_head = False  # PPO adds a value head
     passes = 1  # times the DataModule serves one round's rollouts (PPO: ppo_epochs)
@@ -69,8 +74,29 @@ class Objective:
     def collate(self, examples: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def collate_step(self, examples: Sequence[dict[str, Any]], pad_id: int) -> dict[str, Any]:
+        """One optimizer step's data: micro-batches of `micro_batch_size` examples and their weights.
+
+        A weight is the micro-batch's share of what the loss averages over (examples, or trained
+        tokens for token-mean losses), so sum_i w_i * loss(micro_i) is the full batch's loss and
+        accumulating the weighted gradients gives the full batch's gradient.
+        """
+        m = self.cfg.micro_batch_size or len(examples)
+        parts = [self.collate(examples[i: i + m], pad_id) for i in range(0, len(examples), m)]
+        if self.reduction == "tokens":
+            sizes = [float(p["loss_mask"].sum()) for p in parts]
+        else:
+            sizes = [float(len(examples[i: i + m])) for i in range(0, len(examples), m)]
+        total = sum(sizes) or 1.0
+        return {"micro": parts, "weights": [n / total for n in sizes]}
+
+    def step_context(self, policy: nn.Module, ref: nn.Module | None, step: dict[str, Any]) -> Any:
+        """Whole-batch quantities a micro-batch's loss needs (KTO's KL reference point); None by default."""
+        return None
+
     def loss(self, policy: nn.Module, batch: dict[str, torch.Tensor], ref: nn.Module | None,
-             value_head: nn.Module | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+             value_head: nn.Module | None = None, context: Any = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss of one (micro-)batch and its metrics; `context` comes from `step_context`."""
         raise NotImplementedError
 
 

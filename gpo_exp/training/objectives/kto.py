@@ -83,6 +83,27 @@ class KTO(Objective):
             batch.update({f"kl_{k}": v for k, v in kl.items()})
         return batch
 
+    def collate_step(self, examples: Sequence[dict[str, Any]], pad_id: int) -> dict[str, Any]:
+        """Micro-batches without the KL sequences; the KL batch of the *whole* step is kept once, so
+        the reference point z0 (a batch statistic) is the same as without micro-batches."""
+        step = super().collate_step(examples, pad_id)
+        if len(step["micro"]) > 1:
+            full = self.collate(examples, pad_id)
+            step["kl"] = {k[3:]: v for k, v in full.items() if k.startswith("kl_")}
+            step["micro"] = [{k: v for k, v in p.items() if not k.startswith("kl_")} for p in step["micro"]]
+        return step
+
+    def step_context(self, policy: nn.Module, ref: nn.Module | None, step: dict[str, Any]) -> Any:
+        """(policy, reference) summed log-probs of the step's KL sequences, micro-batch by micro-batch."""
+        if "kl" not in step:
+            return None
+        assert ref is not None, "KTO needs the reference model"
+        kl, m = step["kl"], self.cfg.micro_batch_size or len(step["kl"]["input_ids"])
+        parts = [{k: v[i: i + m] for k, v in kl.items()} for i in range(0, len(kl["input_ids"]), m)]
+        with torch.no_grad():
+            return (torch.cat([sequence_logps(policy, p)[0] for p in parts]),
+                    torch.cat([sequence_logps(ref, p)[0] for p in parts]))
+
     @torch.no_grad()
     def precompute(self, examples: list[dict[str, Any]], policy: nn.Module, ref: nn.Module | None,
                    pad_id: int) -> None:
@@ -100,7 +121,7 @@ class KTO(Objective):
             return sequence_logps(model, kl_batch)[0]
 
     def loss(self, policy: nn.Module, batch: dict[str, torch.Tensor], ref: nn.Module | None,
-             value_head: nn.Module | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+             value_head: nn.Module | None = None, context: Any = None) -> tuple[torch.Tensor, dict[str, float]]:
         assert ref is not None, "KTO needs the reference model"
         logps, _ = sequence_logps(policy, batch)
         if "ref_logps" in batch:
@@ -108,7 +129,9 @@ class KTO(Objective):
         else:
             with torch.no_grad():
                 ref_logps = sequence_logps(ref, batch)[0]
-        if "kl_input_ids" in batch:
+        if context is not None:  # micro-batch: the whole step's KL log-probs (step_context)
+            policy_kl, ref_kl = context
+        elif "kl_input_ids" in batch:
             policy_kl, ref_kl = self._kl_logps(policy, batch), self._kl_logps(ref, batch)
         else:  # a batch of one has no mismatched pair: z0 = 0
             policy_kl = ref_kl = torch.zeros(1, device=logps.device)

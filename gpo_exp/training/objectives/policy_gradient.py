@@ -23,7 +23,7 @@ from torch import nn
 
 from gpo_exp import losses
 from gpo_exp.registry import check
-from gpo_exp.training.batching import model_device, pad_sequences, token_logps
+from gpo_exp.training.batching import length_batches, model_device, pad_sequences, token_logps
 from gpo_exp.training.objectives.base import OPTIMIZERS, Group, Objective, OptimizerConfig
 
 # Per-token fields stored over the trained span and scattered into (B, T) by `collate`.
@@ -134,20 +134,13 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 
 def forward(model: nn.Module, batch: dict[str, torch.Tensor],
             value_head: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-token log-probs (B, T) and, with a value head, per-token values (B, T).
+    """Per-token log-probs (B, T) and, with a value head, per-token values (B, T), on trained tokens.
 
     Column t holds log p(token t | tokens < t) and the value of the state before token t (both read
-    at position t-1); column 0 is 0, as in `batching.token_logps`.
+    at position t-1), for the tokens of `loss_mask`; every other column is 0 (`batching.token_logps`).
     """
-    if value_head is None:
-        return token_logps(model, batch["input_ids"], batch["attention_mask"]), None
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
-    logits = out.logits[:, :-1].float()
-    logps = torch.log_softmax(logits, dim=-1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
-    hidden = out.hidden_states[-1][:, :-1]
-    values = value_head(hidden.to(next(value_head.parameters()).dtype)).squeeze(-1).float()
-    pad = torch.nn.functional.pad
-    return pad(logps, (1, 0)), pad(values, (1, 0))
+    return token_logps(model, batch["input_ids"], batch["attention_mask"], positions=batch["loss_mask"],
+                       value_head=value_head)
 
 
 def spans(x: torch.Tensor, examples: Sequence[dict[str, Any]]) -> list[list[float]]:
@@ -175,6 +168,7 @@ class RolloutObjective(Objective):
     """Shared collate / old-policy pass; subclasses pick the rollouts and the loss."""
 
     kind = "rollouts"
+    reduction = "tokens"  # PPO and GRPO average over the batch's trained tokens
     cfg: RolloutConfig
 
     def cap(self, limit: int) -> int:
@@ -199,10 +193,9 @@ class RolloutObjective(Objective):
                    value_head: nn.Module | None = None) -> None:
         """Store `model`'s per-token log-probs (and values under `old_values`) on the examples as `key`."""
         device = model_device(model)
-        bs = self.cfg.batch_size
         with eval_mode(model):
-            for i in range(0, len(examples), bs):
-                chunk = examples[i: i + bs]
+            for idx in length_batches([len(e["ids"]) for e in examples], self.cfg.batch_size):
+                chunk = [examples[i] for i in idx]
                 batch = pad_sequences([e["ids"] for e in chunk], [e["start"] for e in chunk], pad_id)
                 logps, values = forward(model, {k: v.to(device) for k, v in batch.items()}, value_head)
                 for e, lp in zip(chunk, spans(logps, chunk)):
@@ -274,7 +267,7 @@ class PPO(RolloutObjective):
             e["advantages"], e["returns"] = adv[i, :n].tolist(), returns[i, :n].tolist()
 
     def loss(self, policy: nn.Module, batch: dict[str, torch.Tensor], ref: nn.Module | None,
-             value_head: nn.Module | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+             value_head: nn.Module | None = None, context: Any = None) -> tuple[torch.Tensor, dict[str, float]]:
         head = value_head if value_head is not None else self.value_head
         assert head is not None, "PPO needs its value head"
         logps, values = forward(policy, batch, head)
@@ -354,7 +347,7 @@ class GRPO(RolloutObjective):
             self.token_pass(examples, ref, pad_id, "ref_logps")
 
     def loss(self, policy: nn.Module, batch: dict[str, torch.Tensor], ref: nn.Module | None,
-             value_head: nn.Module | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+             value_head: nn.Module | None = None, context: Any = None) -> tuple[torch.Tensor, dict[str, float]]:
         logps, _ = forward(policy, batch)
         mask = batch["loss_mask"]
         ref_logps = None

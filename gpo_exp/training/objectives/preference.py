@@ -118,7 +118,7 @@ class PairObjective(Objective):
             return sequence_logps(ref, batch)[0]
 
     def loss(self, policy: nn.Module, batch: dict[str, torch.Tensor], ref: nn.Module | None,
-             value_head: nn.Module | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+             value_head: nn.Module | None = None, context: Any = None) -> tuple[torch.Tensor, dict[str, float]]:
         logps, lengths = sequence_logps(policy, batch)
         B = logps.shape[0] // 2
         per_ex, chosen_r, rejected_r, extra = self.pair_loss(logps, lengths, batch, ref, B)
