@@ -100,3 +100,24 @@ def test_preset_fast_dev_run_on_its_random_twin(compose, tmp_path, preset):
     assert summary["config"]["engine"]["temperature"] == (0.6 if preset.startswith("r1_") else 0.7)
     rounds = [json.loads(line) for line in (tmp_path / "rounds.jsonl").read_text().splitlines()]
     assert rounds[1]["rollout/truncated_fraction"] == 1.0  # 8 new tokens never finish a random model's answer
+
+
+# --- the ready experiments and the paper sweep, on the CPU with random twins ------------------------
+ON_CPU = ["trainer.accelerator=cpu", "trainer.precision=32-true", *DATA["math"], *SMALL]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("experiment", ["paper_r1_7b_math", "paper_r1_1p5b_math"])
+def test_experiment_fast_dev_run_on_its_random_twin(compose, tmp_path, experiment):
+    cfg, summary = _run(compose, tmp_path, [f"experiment={experiment}", *ON_CPU])
+    assert cfg.benchmark.name == "math" and cfg.trainer.eval_protocol == "sampled" and cfg.estimator.name == "mc"
+    assert summary["status"] == "ok" and summary["headline_metric"] == "eval/sampled_accuracy_after"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("optimizer", ["dpo", "kto", "simpo", "orpo", "ppo"])
+@pytest.mark.parametrize("gpo", ["true", "false"])
+def test_paper_sweep_arm_runs_on_the_7b_twin(compose, tmp_path, optimizer, gpo):
+    _, summary = _run(compose, tmp_path, ["experiment=paper_r1_7b_math", f"optimizer={optimizer}",
+                                          f"gpo.enabled={gpo}", *ON_CPU])
+    assert summary["status"] == "ok" and summary["arm"] == (f"gpo-{optimizer}" if gpo == "true" else optimizer)

@@ -51,7 +51,9 @@ class Shape:
         return self.vocab_size * h * (1 if self.tie_word_embeddings else 2) + self.num_hidden_layers * layer + h
 
 
-# Qwen2-family shapes from each model's config.json on the hub (all Qwen2ForCausalLM).
+# Qwen2-family shapes as in each model's config.json on the hub (all Qwen2ForCausalLM), written from memory:
+# the hub is not reachable here. Their parameter counts (Shape.params: 7.62B, 1.78B, 1.54B, 1.54B, 0.49B)
+# match the published model sizes (tests/test_paper_setting.py).
 SHAPES: dict[str, Shape] = {
     "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B": Shape(3584, 18944, 28, 28, 4, 152064, 131072, 10000.0, False),
     "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B": Shape(1536, 8960, 28, 12, 2, 151936, 131072, 10000.0, False),
