@@ -86,3 +86,5 @@ def test_gsm8k_and_choice_final_answers():
     assert gsm.final_answer("so\n#### 1,000") == "1000" and gsm.same_answer("1000", "1000.0")
     assert bbh.final_answer("So the answer is (B).") == "B"
     assert get("arith").final_answer("7+5=12\nAnswer: 12") == "12"  # default: the last number
+    sym = get("gsm_symbolic")
+    assert sym.final_answer("3 + 4 = 7 apples\n#### 7\nThen 12 more") == "7" and sym.same_answer("7", "7.0")
