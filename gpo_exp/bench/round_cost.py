@@ -190,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. experiment=paper_r1_7b_math")
     ap.add_argument("--mean-tokens", type=float, default=None, help="L, mean completion tokens (default: max_new_tokens / 2)")
     ap.add_argument("--accuracy", type=float, default=0.5, help="p, share of trajectories that succeed (default 0.5)")
-    ap.add_argument("--steps", type=float, default=None, help="n, steps of an explored trajectory (default: the cap)")
+    ap.add_argument("--steps", type=float, default=None, help="n, steps of an explored trajectory (default: max_steps, or L / min_tokens if fewer)")
     ap.add_argument("--eval-rows", type=int, default=500, help="test rows when trainer.eval_rows is null (default 500)")
     ap.add_argument("--tokens-per-s", action="append", default=[], metavar="[LABEL=]RATE",
                     help="generation rate for the hours column (repeatable)")
@@ -198,23 +198,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     "its round 1 and print its logged tokens next to the prediction")
     args = ap.parse_args(argv)
     measured = None
-    overrides = list(args.overrides)
-    if args.from_run is not None:
+    if args.from_run is not None:  # the run's own resolved config, and the assumptions its round 1 measured
+        from omegaconf import OmegaConf
+
+        from gpo_exp.config import validate
+
         m = measured_round(args.from_run)
-        c = m["config"]
-        overrides = [f"engine.dedup={c['engine']['dedup']}", f"estimator.reuse_siblings={c['estimator']['reuse_siblings']}",
-                     f"model={c['model']['name']}" if (Path(__file__).resolve().parents[2] / "conf" / "model" /
-                                                         f"{c['model']['name']}.yaml").is_file() else "model=tiny",
-                     f"benchmark={c['benchmark']['name']}", f"estimator={c['estimator']['name']}",
-                     f"gpo.enabled={c['gpo']['enabled']}", f"gpo.prompts_per_round={c['gpo']['prompts_per_round']}",
-                     f"gpo.samples_per_prompt={c['gpo']['samples_per_prompt']}",
-                     f"gpo.reset_samples={c['gpo']['reset_samples']}", f"estimator.k={c['estimator']['k']}",
-                     *overrides]
-        args.mean_tokens, args.accuracy, args.steps = m["mean_tokens"], m["accuracy"], m["steps"]
-    cfg = _compose(overrides)
-    s = setting_from_config(cfg, args.mean_tokens, args.accuracy, args.steps, args.eval_rows)
-    if args.from_run is not None:  # what the round really ran (fast_dev_run shrinks the config's prompts)
-        s.shared, s.prompts = m["shared"], round(m["trajectories"] / s.samples)
+        cfg = validate(OmegaConf.create(m["config"]))
+        s = setting_from_config(cfg, m["mean_tokens"], m["accuracy"], m["steps"], args.eval_rows)
+        s.shared, s.prompts = m["shared"], round(m["trajectories"] / s.samples)  # fast_dev_run shrinks the prompts
+    else:
+        cfg = _compose(args.overrides)
+        s = setting_from_config(cfg, args.mean_tokens, args.accuracy, args.steps, args.eval_rows)
     rates = _rates(args.tokens_per_s)
     ests = [cfg.estimator.name] if args.from_run is not None else list(ESTIMATOR_NAMES)
     print(f"{cfg.model.name} on {cfg.benchmark.name}: P={s.prompts} prompts x N={s.samples}, M={s.reset_samples}, "
@@ -240,12 +235,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    from gpo_exp.registry import ConfigError
+
     try:
         main()
-    except Exception as e:  # noqa: BLE001 -- a config error is one line
-        from gpo_exp.registry import ConfigError
-
-        if isinstance(e, ConfigError):
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
-        raise
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
