@@ -117,6 +117,8 @@ def train(cfg: Resolved, run_dir: Path, config: dict[str, Any]) -> dict[str, Any
                "headline_metric": f"eval/{headline_metric(cfg.trainer.eval_protocol)}_after",  # what report/sweepers read
                "warm_start/source": ws["source"], "train/skipped_batches": module.skipped_batches,
                "time/total_s": time.perf_counter() - t_start, "config": config}
+    if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu":  # what a GPU job needs to request
+        summary["gpu/peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
     if cfg.trainer.save_checkpoint:
         # LoRA: save the merged weights, so the checkpoint loads like any HF model (eval, next stage)
         saved = copy.deepcopy(policy).merge_and_unload() if is_lora(policy) else policy

@@ -115,3 +115,16 @@ def test_bench_device_and_hf_config_errors_are_one_line(tmp_path):
         parse_device("gpu0")
     with pytest.raises(SystemExit, match="--hf-config: cannot read a config and tokenizer from"):
         ref_logps.main(["--hf-config", str(tmp_path / "missing"), "--pairs", "2"])
+
+
+def test_memory_bench_new_path_is_smaller_and_prints_the_table(capsys: pytest.CaptureFixture[str]):
+    from gpo_exp.bench import memory
+
+    memory.main(["--vocab", "30000", "--lengths", "200", "400", "--ops", "precompute"])
+    out = capsys.readouterr().out
+    rows = re.findall(r"^precompute\s+30000\s+(\d+)\s+(\d+)\s+(\d+)\s+([\d.]+)x$", out, re.M)
+    assert [int(r[0]) for r in rows] == [200, 400]
+    # old: 4 sequences x T x 30k fp32 logits plus a log_softmax copy; new: one 128 MB-bounded block at a time
+    assert all(float(r[3]) > 2.5 for r in rows) and int(rows[1][1]) > int(rows[0][1])
+    assert int(rows[1][2]) < 1.5 * 128 + 64
+    assert "new-path slope, precompute (MB per 1k tokens, T 200->400): V=30000" in out

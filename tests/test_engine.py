@@ -66,34 +66,57 @@ def test_sample_keys_are_stable():
 
 # --- sampling distribution ------------------------------------------------------------------------
 
-def test_choose_tokens_matches_softmax():
-    n = 200_000
-    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+def padded(logits: torch.Tensor, vocab: int) -> torch.Tensor:
+    """`logits` followed by -inf (never sampled) up to `vocab` entries: selects the sampling scheme."""
+    return torch.cat([logits, torch.full((vocab - len(logits),), float("-inf"))]) if vocab > len(logits) else logits
+
+
+SCHEMES = pytest.mark.parametrize("vocab", [0, 5000], ids=["gumbel", "inverse-cdf"])  # 5000 > GUMBEL_MAX_VOCAB
+
+
+@SCHEMES
+def test_choose_tokens_matches_softmax(vocab):
+    n = 200_000 if vocab == 0 else 20_000
+    logits = padded(torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0]), vocab)
     p = (logits / 0.7).softmax(-1)
     keys = torch.arange(n, dtype=torch.int64) * 7919  # any distinct keys
     tok0 = choose_tokens(logits.expand(n, -1), keys, 0, 0.7, 1.0, False)
     tok7 = choose_tokens(logits.expand(n, -1), keys, 7, 0.7, 1.0, False)
+    p = p[:6]
     for tok in (tok0, tok7):
+        assert tok.max().item() < 6  # an impossible (-inf) token is never drawn
         counts = torch.bincount(tok, minlength=6).double()
         chi2 = ((counts - n * p.double()) ** 2 / (n * p.double())).sum().item()
         assert chi2 < 20.5  # chi-square, 5 dof: p = 0.001
-        assert (counts / n - p.double()).abs().max().item() < 0.005  # ~5 sigma at n = 200k
+        assert (counts / n - p.double()).abs().max().item() < 5 * (0.25 / n) ** 0.5  # ~5 sigma
     # Steps draw independent noise: P(same token at steps 0 and 7) = sum p^2.
-    assert (tok0 == tok7).double().mean().item() == pytest.approx((p**2).sum().item(), abs=0.005)
+    assert (tok0 == tok7).double().mean().item() == pytest.approx((p**2).sum().item(), abs=5 * (0.25 / n) ** 0.5)
 
 
-def test_top_p_stays_in_nucleus():
-    n = 100_000
+@SCHEMES
+def test_top_p_stays_in_nucleus(vocab):
+    n = 100_000 if vocab == 0 else 20_000
     probs = torch.tensor([0.5, 0.3, 0.1, 0.06, 0.04])
-    logits = probs.log()[[3, 0, 4, 1, 2]]  # shuffled: nucleus membership must not depend on position
+    logits = padded(probs.log()[[3, 0, 4, 1, 2]], vocab)  # shuffled: nucleus membership must not depend on position
     keys = torch.arange(n, dtype=torch.int64)
     tok = choose_tokens(logits.expand(n, -1), keys, 0, 1.0, 0.7, False)
+    sigma5 = 5 * (0.25 / n) ** 0.5
     counts = torch.bincount(tok, minlength=5) / n
     assert set(tok.unique().tolist()) == {1, 3}  # the 0.5 and 0.3 tokens: the smallest set reaching 0.7
-    assert counts[1].item() == pytest.approx(0.5 / 0.8, abs=0.005)
+    assert counts[1].item() == pytest.approx(0.5 / 0.8, abs=sigma5)
     tok = choose_tokens(logits.expand(n, -1), keys, 0, 1.0, 0.85, False)
     assert set(tok.unique().tolist()) == {1, 3, 4}  # 0.5 + 0.3 < 0.85, so the 0.1 token joins
-    assert (torch.bincount(tok, minlength=5)[4] / n).item() == pytest.approx(0.1 / 0.9, abs=0.005)
+    assert (torch.bincount(tok, minlength=5)[4] / n).item() == pytest.approx(0.1 / 0.9, abs=sigma5)
+
+
+def test_inverse_cdf_draw_of_a_row_does_not_depend_on_its_batch():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(16, 6000, generator=g) * 3
+    keys = torch.randint(0, 2**32, (16,), generator=g, dtype=torch.int64)
+    for top_p in (1.0, 0.9):
+        whole = choose_tokens(logits, keys, 3, 0.7, top_p, False)
+        alone = torch.cat([choose_tokens(logits[i:i + 1], keys[i:i + 1], 3, 0.7, top_p, False) for i in range(16)])
+        assert torch.equal(whole, alone) and len(set(whole.tolist())) > 8
 
 
 def test_greedy_and_zero_temperature_take_argmax():
@@ -240,3 +263,4 @@ def test_bad_engine_config():
                dict(max_new_tokens=0), dict(backend="vllm")]:
         with pytest.raises(ConfigError, match="bad config engine"):
             EngineConfig(**kw)
+

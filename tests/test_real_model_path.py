@@ -52,7 +52,7 @@ def batch(vocab: int, lengths=(11, 7, 9)) -> tuple[torch.Tensor, torch.Tensor, t
 
 @pytest.mark.parametrize("make", [qwen2, gpt2, lambda: qwen2(tie_word_embeddings=True)])
 def test_chunked_selective_logps_equal_full_log_softmax(make, monkeypatch):
-    monkeypatch.setattr(batching, "LOGPROB_CHUNK", 4)  # several chunks per batch
+    monkeypatch.setattr(batching, "LOGPROB_CHUNK_BYTES", 16 * 4 * 1000)  # 16 rows at V=1000: several chunks
     model = make()
     vocab = model.config.vocab_size
     ids, mask, loss = batch(vocab)
@@ -195,3 +195,20 @@ def test_a_model_that_needs_remote_code_stops_in_one_line(tmp_path: Path):
     with pytest.raises(ConfigError) as e:
         load_hub(ModelConfig(source="hub", path=str(tmp_path)))
     assert "trust_remote_code" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("bias", [False, True])  # no bias: the fused backward; bias: the checkpointed fallback
+def test_selective_logps_values_and_gradients_both_paths(bias):
+    from gpo_exp.training.batching import selective_logps
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=bias)
+    h = torch.randn(37, 16, requires_grad=True)
+    t = torch.randint(0, 50, (37,))
+    w = torch.randn(37)  # an upstream gradient that differs per row
+    want = torch.log_softmax(head(h), -1).gather(-1, t[:, None]).squeeze(-1)
+    got = selective_logps(head, h, t, chunk=8)
+    assert (got - want).abs().max().item() < 1e-5
+    g_want = torch.autograd.grad((want * w).sum(), [h, head.weight])
+    g_got = torch.autograd.grad((selective_logps(head, h, t, chunk=8) * w).sum(), [h, head.weight])
+    assert all((a - b).abs().max().item() < 1e-5 for a, b in zip(g_want, g_got))

@@ -128,7 +128,7 @@ def test_reset_compares_estimators_on_gpo_dpo(sweep_jobs):
     assert _arms(jobs) == {("gpo-dpo", e, k, s) for e, k in (("mc", 4), ("random", None), ("bisect", 4),
                                                                ("adaptive", 4), ("confidence", None))
                            for s in (0, 1, 2)}
-    assert "gpo-dpo/random-k0/arith/seed2" in {c.hydra.sweep.subdir for c in jobs}  # random has no K
+    assert "gpo-dpo_random/arith/seed2" in {c.hydra.sweep.subdir for c in jobs}  # random has no K
 
 
 def test_k_sweeps_mc_rollouts_per_prefix(hcompose, sweep_jobs):
@@ -265,7 +265,8 @@ def test_smoke_sweep_end_to_end(tmp_path):
 
     arms = [a for o in OPTS for a in (o, f"gpo-{o}")]
     for arm in arms:
-        summary = json.loads((sweep_dir / arm / "mc-k2" / "arith" / "seed0" / "summary.json").read_text())
+        arm_dir = f"{arm}_mc-k2" if arm.startswith("gpo-") else arm  # a baseline arm carries no estimator name
+        summary = json.loads((sweep_dir / arm_dir / "arith" / "seed0" / "summary.json").read_text())
         assert (summary["arm"], summary["status"], summary["rounds"]) == (arm, "ok", 1)
         assert summary["config"]["logger"]["group"] == "smoke" and summary["rollout/generated_tokens"] > 0
         assert ("gpo/critical_step_hist" in summary) == arm.startswith("gpo-")

@@ -86,30 +86,75 @@ def sample_keys(prefixes: Sequence[Sequence[int]], sample_ids: Sequence[int], se
     return [hash((seed, tuple(p), j)) & _MASK32 for p, j in zip(prefixes, sample_ids)]
 
 
-def gumbel_noise(keys: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
-    """Gumbel(0, 1) noise of shape (len(keys), vocab), a pure function of (key, step, token).
+def gumbel_at(keys: torch.Tensor, step: int, tokens: torch.Tensor) -> torch.Tensor:
+    """Gumbel(0, 1) noise for each (key, token) pair of the broadcast `keys` and `tokens`: a pure
+    function of (key, step, token), so any subset of a row's tokens gets the values the full row would.
 
     int64 products may wrap past 2**63; the wrap is modulo 2**64, so the low 32 bits kept are exact.
     """
-    tok = torch.arange(vocab, dtype=torch.int64, device=keys.device)
-    h = _mix32((keys[:, None] * 0x9E3779B1 + step * 0x85EBCA77 + tok[None, :] * 0xC2B2AE3D) & _MASK32)
-    h = _mix32(h ^ (keys[:, None] & _MASK32))
+    h = _mix32((keys * 0x9E3779B1 + step * 0x85EBCA77 + tokens * 0xC2B2AE3D) & _MASK32)
+    h = _mix32(h ^ (keys & _MASK32))
     u = (h.to(torch.float64) + 0.5) / 2**32
     return (-torch.log(-torch.log(u))).to(torch.float32)
 
 
+def gumbel_noise(keys: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
+    """Gumbel(0, 1) noise of shape (len(keys), vocab), a pure function of (key, step, token)."""
+    tok = torch.arange(vocab, dtype=torch.int64, device=keys.device)
+    return gumbel_at(keys[:, None], step, tok[None, :])
+
+
+GUMBEL_MAX_VOCAB = 4096  # larger vocabularies sample by inverse CDF: one hash per row, not one per token
+
+
+def uniform_at(keys: torch.Tensor, step: int) -> torch.Tensor:
+    """One U(0, 1) draw (float64) per key at decoding step `step`, a pure function of (key, step)."""
+    h = _mix32((keys * 0x9E3779B1 + step * 0x85EBCA77 + 0x27D4EB2F) & _MASK32)
+    return (_mix32(h ^ (keys & _MASK32)).to(torch.float64) + 0.5) / 2**32
+
+
+def inverse_cdf(scores: torch.Tensor, u: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The token whose CDF interval holds u, under softmax(scores) restricted to the top-p nucleus
+    (the smallest highest-probability set whose mass reaches top_p); zero-probability tokens never win."""
+    probs = scores.softmax(-1)
+    order = None
+    if top_p < 1.0:  # the nucleus is usually in the top few dozen tokens: a partial sort finds it
+        for k in (64, 1024, probs.shape[-1]):
+            top, order = probs.topk(min(k, probs.shape[-1]), -1)  # sorted, descending
+            if k >= probs.shape[-1] or bool((top.double().sum(-1) >= top_p).all()):
+                break
+        probs = top
+    cdf = probs.double().cumsum(-1)
+    if top_p < 1.0:  # the nucleus ends at the first token whose CDF reaches top_p
+        last = torch.searchsorted(cdf, torch.full_like(cdf[:, :1], top_p)).clamp(max=cdf.shape[-1] - 1)
+        mass = cdf.gather(-1, last)
+    else:
+        mass = cdf[:, -1:]
+    idx = torch.searchsorted(cdf, u[:, None] * mass, right=True).clamp(max=cdf.shape[-1] - 1)
+    return (order.gather(-1, idx) if order is not None else idx).squeeze(-1)
+
+
 def choose_tokens(logits: torch.Tensor, keys: torch.Tensor, step: int, temperature: float, top_p: float,
                   greedy: bool) -> torch.Tensor:
-    """Sample one token per row by the Gumbel-max trick on temperature-scaled, top-p-filtered logits."""
+    """Sample one token per row from temperature-scaled, top-p-filtered logits, keyed per sample.
+
+    Small vocabularies (the embedded char model) race Gumbel noise hashed per (key, step, token).
+    Above GUMBEL_MAX_VOCAB that hash over every token costs more than the model's decoding step
+    (~0.5 s for 48 rows x 49k tokens here), so one uniform per (key, step) picks the token by
+    inverse CDF instead: the same distribution and the same per-sample reproducibility.
+    """
     if greedy or temperature == 0:
         return logits.argmax(-1)
     scores = logits.float() / temperature
+    keys = keys.to(scores.device)
+    if scores.shape[-1] > GUMBEL_MAX_VOCAB:
+        return inverse_cdf(scores, uniform_at(keys, step), top_p)
     if top_p < 1.0:
         sorted_scores, order = scores.sort(-1, descending=True)
         probs = sorted_scores.softmax(-1)
         drop = probs.cumsum(-1) - probs >= top_p  # keep the smallest set whose mass reaches top_p
         scores = scores.scatter(-1, order, sorted_scores.masked_fill(drop, -math.inf))
-    return (scores + gumbel_noise(keys.to(scores.device), step, scores.shape[-1])).argmax(-1)
+    return (scores + gumbel_noise(keys, step, scores.shape[-1])).argmax(-1)
 
 
 @dataclass

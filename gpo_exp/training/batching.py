@@ -5,20 +5,21 @@ for left padding. `loss_mask` marks the completion tokens a loss should count.
 
 Memory: log-probs never materialise the (B, T, V) logits. The decoder's last hidden state is read
 at the positions that predict a counted token only, and the output head runs on those rows in chunks
-of `LOGPROB_CHUNK` (gather minus logsumexp, "selective log-softmax" as in TRL). Under autograd each
-chunk is checkpointed, so the backward pass recomputes one (chunk, V) block at a time instead of
-keeping all of them: memory beyond the activations is O(chunk * V), independent of B * T.
+of `LOGPROB_CHUNK_BYTES` of fp32 logits (gather minus logsumexp, "selective log-softmax" as in TRL).
+Under autograd each chunk is checkpointed, so the backward pass recomputes one block at a time
+instead of keeping all of them: memory beyond the activations is a few such blocks, independent of
+B * T and of the vocabulary.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
-LOGPROB_CHUNK = 1024  # rows of (rows, V) logits alive at once: 0.6 GB fp32 at Qwen2's 151,936 vocabulary
+LOGPROB_CHUNK_BYTES = 128 * 2**20  # one fp32 (rows, V) block of logits: 220 rows at Qwen2's 151,936 vocabulary
 SCORE_MAX_TOKENS = 32_768  # padded tokens per no-grad scoring batch (reference precompute, old-policy pass)
 
 
@@ -70,12 +71,67 @@ def _chunk_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, s
     return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
 
 
+class _LinearSelectiveLogps(torch.autograd.Function):
+    """log_softmax(hidden @ W^T)[targets] by chunks of rows, with a hand-written backward.
+
+    Forward keeps only the (N,) results and log-normalisers (logsumexp computed in place); backward
+    recomputes each chunk's logits once and turns them in place into d lp / d logits =
+    onehot(target) - softmax, so about one fp32 (chunk, V) block exists at a time (autograd through
+    `_chunk_logps` would hold four or more).
+    Matmuls run in `dtype` (the autocast dtype under mixed precision), softmax statistics in fp32.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
+                dtype: torch.dtype) -> torch.Tensor:
+        w = weight.to(dtype)
+        out, lses = [], []
+        for i in range(0, hidden.shape[0], chunk):
+            z = torch.nn.functional.linear(hidden[i: i + chunk].to(dtype), w).float()
+            target = z.gather(-1, targets[i: i + chunk, None]).squeeze(-1)
+            top = z.amax(-1, keepdim=True)
+            lse = z.sub_(top).exp_().sum(-1).log_() + top.squeeze(-1)  # logsumexp, in place: one block
+            out.append(target - lse)
+            lses.append(lse)
+        ctx.save_for_backward(hidden, weight, targets, torch.cat(lses) if lses else hidden.new_zeros(0))
+        ctx.chunk, ctx.dtype = chunk, dtype
+        return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        hidden, weight, targets, lse = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        gh = torch.zeros_like(hidden) if need_h else None
+        gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        w = weight.to(ctx.dtype)
+        for i in range(0, hidden.shape[0], ctx.chunk):
+            h = hidden[i: i + ctx.chunk].to(ctx.dtype)
+            z = torch.nn.functional.linear(h, w).float()
+            z.sub_(lse[i: i + ctx.chunk, None]).exp_().neg_()  # -softmax, in place
+            z[torch.arange(z.shape[0], device=z.device), targets[i: i + ctx.chunk]] += 1.0
+            gz = z.mul_(grad_out[i: i + ctx.chunk, None].float()).to(ctx.dtype)
+            del z
+            if need_h:
+                gh[i: i + ctx.chunk] = (gz @ w).to(gh.dtype)
+            if need_w:
+                gw += (gz.t() @ h).float()
+        return gh, (gw.to(weight.dtype) if need_w else None), None, None, None
+
+
 def selective_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, softcap: float | None = None,
-                    chunk: int = LOGPROB_CHUNK) -> torch.Tensor:
-    """log softmax(head(hidden))[targets] for rows of `hidden` (N, H), `chunk` rows at a time."""
+                    chunk: int | None = None) -> torch.Tensor:
+    """log softmax(head(hidden))[targets] for rows of `hidden` (N, H), `chunk` rows at a time
+    (default: as many as fit in LOGPROB_CHUNK_BYTES of fp32 logits)."""
+    weight = head.weight
+    chunk = chunk or max(16, LOGPROB_CHUNK_BYTES // (4 * weight.shape[0]))
+    device = hidden.device.type
+    if type(head) is nn.Linear and head.bias is None and not softcap:  # the usual LM head: the fused path
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        with torch.autocast(device, enabled=False):
+            return _LinearSelectiveLogps.apply(hidden, weight, targets, chunk, dtype)
     grad = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
     parts = []
-    for i in range(0, hidden.shape[0], chunk):
+    for i in range(0, hidden.shape[0], chunk):  # any other head: autograd, one checkpointed chunk at a time
         h, t = hidden[i: i + chunk], targets[i: i + chunk]
         parts.append(checkpoint(_chunk_logps, head, h, t, softcap, use_reentrant=False) if grad
                      else _chunk_logps(head, h, t, softcap))

@@ -162,13 +162,16 @@ def warm_start(model_cfg: Any, benchmark: Any, cfg: WarmStartConfig,
     from gpo_exp.models import build_base
     from gpo_exp.models.prompting import encode_prompt
 
-    cfg = cfg.resolved(pretrained=model_cfg.source != "tiny")
+    pretrained = model_cfg.source != "tiny"
+    cfg = cfg.resolved(pretrained=pretrained)
+    key = warm_start_key(model_cfg, benchmark.cfg, cfg)
+    info: dict[str, Any] = {"key": key, "source": "none", "seconds": 0.0}
+    if pretrained and (not cfg.enabled or cfg.steps == 0):  # a pretrained model as it is: no rows needed
+        model, tok = build_base(model_cfg, [], device)
+        return model, tok, info
     rows = benchmark.load("train")
     if cfg.max_rows is not None:
         rows = rows[: cfg.max_rows]
-    key = warm_start_key(model_cfg, benchmark.cfg, cfg)
-    info: dict[str, Any] = {"key": key, "source": "none", "seconds": 0.0}
-    pretrained = model_cfg.source != "tiny"
     if not cfg.enabled or cfg.steps == 0:
         model, tok = build_base(model_cfg, [benchmark.prompt(r) + r.get("solution", "") for r in rows], device)
         return model, tok, info
