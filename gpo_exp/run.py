@@ -40,7 +40,8 @@ warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
 def apply_fast_dev_run(cfg: Resolved) -> None:
     """One round on a handful of prompts: a smoke test of the whole loop in seconds."""
     cfg.trainer.rounds = 1
-    cfg.gpo.prompts_per_round = min(cfg.gpo.prompts_per_round, 8)
+    # a pretrained model's every failed trajectory costs ~K x steps continuations: fewer prompts keep it minutes
+    cfg.gpo.prompts_per_round = min(cfg.gpo.prompts_per_round, 8 if cfg.model.source == "tiny" else 4)
     cfg.gpo.examples_per_round = min(cfg.gpo.examples_per_round, 8)
     cfg.trainer.eval_rows = min(cfg.trainer.eval_rows or 16, 16)
     cfg.trainer.eval_samples = min(cfg.trainer.eval_samples, 2)

@@ -111,3 +111,18 @@ def test_negative_reference_k_is_a_config_error():
 
     with pytest.raises(ConfigError, match="gpo.reference_k"):
         GPOConfig(reference_k=-1)
+
+
+def test_micro_batches_give_the_same_training_run(compose, tmp_path):
+    """optimizer.micro_batch_size=2 accumulates 4 micro-batches per step of 8: the logged step losses
+    of a whole (one-round) run equal those of the unsplit run."""
+    import csv
+
+    def losses(sub, extra):
+        _run(compose, tmp_path / sub, ["optimizer.batch_size=8", *extra])
+        rows = list(csv.DictReader((tmp_path / sub / "csv" / "metrics.csv").open()))
+        return [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+
+    whole, micro = losses("whole", []), losses("micro", ["optimizer.micro_batch_size=2"])
+    assert len(whole) >= 1 and len(whole) == len(micro)
+    assert micro == pytest.approx(whole, abs=1e-5)

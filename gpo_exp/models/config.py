@@ -20,7 +20,7 @@ class ModelConfig:
     path: str | None = None  # hub id or local HF directory (hub); directory holding gguf_file (gguf)
     gguf_file: str | None = None  # GGUF file name inside `path` (gguf)
     package: str | None = None  # python package that ships the weights; `path` is resolved inside it (gguf)
-    dtype: str = "float32"  # float32 | bfloat16 | float16
+    dtype: str = "float32"  # weights: float32 (fp32 masters under trainer.precision=bf16-mixed) | bfloat16 | float16 (half the memory; fine for a frozen LoRA base, but full fine-tuning rounds away updates below ~1/256 of a weight)
     chat_template: bool = True  # wrap prompts with the tokenizer's chat template when it has one
     arch: str = "gpt2"  # tiny only: gpt2 | llama
     n_layer: int = 4  # tiny only: transformer blocks
