@@ -19,6 +19,7 @@ from gpo_exp.models.config import ModelConfig
 from gpo_exp.registry import check, to_dataclass
 from gpo_exp.rollout.engine import EngineConfig
 from gpo_exp.rollout.estimators import ESTIMATORS
+from gpo_exp.rollout.evaluate import PROTOCOLS
 from gpo_exp.rollout.gpo_round import GPOConfig
 from gpo_exp.training.objectives import OPTIMIZERS
 from gpo_exp.training.warmstart import WarmStartConfig
@@ -41,7 +42,8 @@ class TrainerConfig:
     precision: str = "32-true"  # Lightning precision, e.g. bf16-mixed on GPUs
     gradient_clip_val: float = 1.0  # max gradient norm
     eval_rows: int | None = 300  # test rows evaluated before training and after every round (null: all)
-    eval_samples: int = 4  # sampled completions per test row (sampled accuracy); greedy pass@1 is always computed
+    eval_samples: int = 4  # sampled completions per test row (sampled accuracy, pass@k, maj@k)
+    eval_protocol: str = "greedy"  # greedy: headline greedy pass@1 (tiny) | sampled: no greedy decoding, headline pass@1 averaged over eval_samples samples at engine.temperature (reasoning models); see rollout/evaluate.py
     fast_dev_run: bool = False  # one round with tiny sizes: a smoke test of the whole loop
     save_checkpoint: bool = True  # save the final policy (HF format) in the run directory
     progress_bar: bool = True  # show progress bars for generation and training
@@ -62,6 +64,9 @@ class TrainerConfig:
         check(self.accelerator in ("cpu", "gpu", "cuda", "mps", "tpu", "auto"), "trainer.accelerator",
               self.accelerator, "cpu, gpu, cuda, mps, tpu or auto")
         check(self.eval_samples >= 0, "trainer.eval_samples", self.eval_samples, ">= 0")
+        check(self.eval_protocol in PROTOCOLS, "trainer.eval_protocol", self.eval_protocol, f"one of {', '.join(PROTOCOLS)}")
+        check(self.eval_protocol != "sampled" or self.eval_samples >= 1, "trainer.eval_samples", self.eval_samples,
+              ">= 1 for trainer.eval_protocol=sampled")
         check(self.eval_rows is None or self.eval_rows >= 1, "trainer.eval_rows", self.eval_rows, ">= 1 or null")
         check(self.cpu_threads is None or self.cpu_threads >= 1, "trainer.cpu_threads", self.cpu_threads, ">= 1 or null")
 

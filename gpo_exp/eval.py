@@ -31,7 +31,7 @@ from gpo_exp.config import LoggerConfig
 from gpo_exp.models.config import ModelConfig
 from gpo_exp.registry import ConfigError, check, to_dataclass
 from gpo_exp.rollout.engine import EngineConfig, HFRolloutEngine
-from gpo_exp.rollout.evaluate import EVAL_SEED, evaluate
+from gpo_exp.rollout.evaluate import EVAL_SEED, PROTOCOLS, evaluate, headline_metric
 from gpo_exp.tiny_context import check_fits
 from gpo_exp.training.warmstart import WarmStartConfig
 
@@ -50,6 +50,7 @@ class EvalConfig:
     split: str = "test"  # split evaluated on every benchmark
     max_rows: int | None = None  # first max_rows rows of each benchmark's split (None: all)
     samples: int = 4  # k for pass@k / maj@k and sampled accuracy (0: greedy pass@1 only)
+    protocol: str = "greedy"  # greedy: headline greedy pass@1 | sampled: no greedy decoding, headline pass@1 averaged over `samples` samples at engine.temperature (reasoning models)
     seed: int = EVAL_SEED  # sampling seed; the default is training's evaluation seed
     checkpoint: str | None = None  # shortcut: an HF directory, meaning model.source=hub model.path=<it>
     device: str = "auto"  # auto: cuda when available, else cpu
@@ -64,6 +65,8 @@ class EvalConfig:
         check(self.split in SPLITS, "split", self.split, f"one of {', '.join(SPLITS)}")
         check(self.max_rows is None or self.max_rows >= 1, "max_rows", self.max_rows, ">= 1 or null")
         check(self.samples >= 0, "samples", self.samples, ">= 0 (0: greedy only)")
+        check(self.protocol in PROTOCOLS, "protocol", self.protocol, f"one of {', '.join(PROTOCOLS)}")
+        check(self.protocol != "sampled" or self.samples >= 1, "samples", self.samples, ">= 1 for protocol=sampled")
         check(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"), "device", self.device,
               "auto, cpu, cuda[:i] or mps")
 
@@ -185,7 +188,8 @@ def _output_dir(cfg: EvalConfig) -> Path | None:
 def evaluate_model(cfg: DictConfig | dict[str, Any] | EvalConfig) -> dict[str, Any]:
     """Evaluate one model on every benchmark of `cfg`; write eval.json (when there is an output dir), log to wandb.
 
-    Returns {model, split, samples, seed, benchmarks: {label: {accuracy, [sampled_accuracy, pass@k, maj@k,] n}},
+    Returns {model, split, samples, seed, protocol, headline (the metric key the protocol names),
+    benchmarks: {label: {[accuracy,] [sampled_accuracy, pass@k, maj@k,] truncated, n}},
     avg: {metric: mean over benchmarks}, seconds: {load, <label>..., total}}.
     """
     from gpo_exp.rollout.sampler import PolicySampler
@@ -214,7 +218,8 @@ def evaluate_model(cfg: DictConfig | dict[str, Any] | EvalConfig) -> dict[str, A
                                      cfg=cfg.engine, default_max_new_tokens=benchmark.cfg.max_new_tokens)
             sampler = PolicySampler(engine, tokenizer, benchmark, benchmark.cfg.steps,
                                     chat_template=cfg.model.chat_template, seed=cfg.seed)
-            per_bench[label] = {**evaluate(sampler, rows, cfg.samples, seed=cfg.seed), "n": len(rows)}
+            per_bench[label] = {**evaluate(sampler, rows, cfg.samples, seed=cfg.seed, greedy=cfg.protocol == "greedy"),
+                                "n": len(rows)}
         except Exception as e:  # noqa: BLE001 - one benchmark's failure must not lose the others' results
             msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
             failed[label] = msg if isinstance(e, ConfigError) else f"{type(e).__name__}: {msg}"
@@ -228,8 +233,8 @@ def evaluate_model(cfg: DictConfig | dict[str, Any] | EvalConfig) -> dict[str, A
             run.log({f"eval/{label}/{k}": v for k, v in per_bench[label].items()})
     seconds["total"] = time.perf_counter() - t_start
     result = {"model": desc, "split": cfg.split, "samples": cfg.samples, "seed": cfg.seed,
-              "benchmarks": per_bench, "avg": average(per_bench) if per_bench else {}, "seconds": seconds,
-              **({"failed": failed} if failed else {})}
+              "protocol": cfg.protocol, "headline": headline_metric(cfg.protocol), "benchmarks": per_bench,
+              "avg": average(per_bench) if per_bench else {}, "seconds": seconds, **({"failed": failed} if failed else {})}
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "eval.json").write_text(json.dumps({**result, "config": config}, indent=2, default=str))

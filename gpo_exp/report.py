@@ -566,13 +566,21 @@ def _write_markdown(path: Path, source: str, metric: str, table: str, notes: lis
     path.write_text("\n".join(md) + "\n")
 
 
-def report_from_runs(runs: list[Run], missing: list[str], out_dir: str | Path, metric: str = DEFAULT_METRIC,
+def headline_of(runs: Sequence[Run]) -> str:
+    """The metric the runs name as their headline (summary.json `headline_metric`) when they agree, else
+    DEFAULT_METRIC (older runs, or a mix of protocols)."""
+    named = {r.summary.get("headline_metric") for r in runs}
+    return named.pop() if len(named) == 1 and None not in named else DEFAULT_METRIC
+
+
+def report_from_runs(runs: list[Run], missing: list[str], out_dir: str | Path, metric: str | None = None,
                      source: str = ".", failed: Sequence[str] = ()) -> Report:
-    """Aggregate runs into the table, report.md, report.csv and plots under out_dir."""
+    """Aggregate runs into the table, report.md, report.csv and plots under out_dir (metric None: headline_of)."""
     if not runs:
         lost = [*failed, *missing]
         detail = f"; {len(lost)} job(s) without results: {'; '.join(lost)}" if lost else ""
         raise ReportError(f"no runs found under {source} (looked for summary.json){detail}")
+    metric = metric or headline_of(runs)
     benches_main = sorted({r.benchmark for r in runs if _number(r.summary.get(metric)) is not None})
     columns = benches_main + sorted({b for r in runs for b in r.scores(metric)} - set(benches_main))
     if not columns:
@@ -598,7 +606,7 @@ def report_from_runs(runs: list[Run], missing: list[str], out_dir: str | Path, m
     return Report(table, rows, missing, [out / "report.md", out / "report.csv", *pngs], arms, notes, list(failed))
 
 
-def build_report(path: str | Path, out_dir: str | Path | None = None, metric: str = DEFAULT_METRIC) -> Report:
+def build_report(path: str | Path, out_dir: str | Path | None = None, metric: str | None = None) -> Report:
     """Collect runs under `path` and write report.md, report.csv and PNGs to out_dir (default: path)."""
     runs, missing, failed = collect_jobs(path)
     return report_from_runs(runs, missing, out_dir if out_dir is not None else path, metric, source=str(path),
@@ -609,7 +617,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gpo_exp.report", description=__doc__.splitlines()[0])
     parser.add_argument("path", nargs="?", help="a run or Hydra multirun directory")
     parser.add_argument("--out", help="output directory (default: PATH, or ./report-<project> for wandb)")
-    parser.add_argument("--metric", default=DEFAULT_METRIC, help="summary.json key for the table cells")
+    parser.add_argument("--metric", default=None, help="summary.json key for the table cells (default: the runs' "
+                        f"headline_metric, else {DEFAULT_METRIC})")
     parser.add_argument("--wandb-project", help="read runs from this wandb project (entity/project) instead")
     args = parser.parse_args(argv)
     if (args.path is None) == (args.wandb_project is None):

@@ -83,6 +83,7 @@ def train(cfg: Resolved, run_dir: Path, config: dict[str, Any], overrides: list[
     from gpo_exp.benchmarks import BENCHMARKS
     from gpo_exp.models.lora import is_lora
     from gpo_exp.rollout.engine import HFRolloutEngine
+    from gpo_exp.rollout.evaluate import headline_metric
     from gpo_exp.rollout.estimators import ESTIMATORS
     from gpo_exp.rollout.sampler import PolicySampler
     from gpo_exp.training import checkpoint as ckpt
@@ -128,7 +129,8 @@ def train(cfg: Resolved, run_dir: Path, config: dict[str, Any], overrides: list[
     estimator = ESTIMATORS.build(asdict(cfg.estimator)) if cfg.gpo.enabled else None
     dm = RolloutDataModule(objective, tokenizer.pad_token_id, seed=cfg.seed)
     rounds = GPORoundCallback(sampler, estimator, objective, dm, cfg.gpo, train_rows, test_rows,
-                              cfg.trainer.eval_samples, run_dir, cfg.seed, keep_checkpoints=cfg.trainer.keep_checkpoints)
+                              cfg.trainer.eval_samples, run_dir, cfg.seed, keep_checkpoints=cfg.trainer.keep_checkpoints,
+                              eval_greedy=cfg.trainer.eval_protocol == "greedy")
     wandb_id_file = run_dir / ckpt.DIR / "wandb_id"
     wandb_id = wandb_id_file.read_text().strip() if last is not None and wandb_id_file.exists() else None
     strategy = cfg.trainer.strategy
@@ -180,6 +182,7 @@ def train(cfg: Resolved, run_dir: Path, config: dict[str, Any], overrides: list[
             distributed.end_ranks()
 
     summary = {"arm": cfg.name, "status": status, **extra, **rounds.summary(), "time/warmstart_s": ws_s,
+               "headline_metric": f"eval/{headline_metric(cfg.trainer.eval_protocol)}_after",  # what report/sweepers read
                "warm_start/source": ws["source"], "train/skipped_batches": module.skipped_batches,
                "time/total_s": time.perf_counter() - t_start, "resumed_from_round": rounds.resumed_from,
                "config": config}
@@ -251,8 +254,9 @@ def hist_line(hist: list[int]) -> str:
 
 
 def print_table(summary: dict[str, Any], run_dir: Path) -> None:
-    rows = [("arm", summary["arm"]),
-            ("greedy accuracy", f"{summary['eval/accuracy_before']:.3f} -> {summary['eval/accuracy_after']:.3f}")]
+    rows = [("arm", summary["arm"])]
+    if summary.get("eval/accuracy_before") is not None:
+        rows.append(("greedy accuracy", f"{summary['eval/accuracy_before']:.3f} -> {summary['eval/accuracy_after']:.3f}"))
     if "eval/sampled_accuracy_before" in summary:
         rows.append(("sampled accuracy", f"{summary['eval/sampled_accuracy_before']:.3f} -> "
                                          f"{summary['eval/sampled_accuracy_after']:.3f}"))
@@ -408,7 +412,7 @@ def run_job(dcfg: DictConfig) -> float:
         _error(f"run {summary['status']}: {summary.get('error')} (round {summary.get('diverged_round')}); "
                f"results so far in {run_dir / 'summary.json'}")
         raise _Stop(1)
-    return float(summary["eval/accuracy_after"])  # what sweepers (optuna) maximise
+    return float(summary[summary["headline_metric"]])  # what sweepers (optuna) maximise: the run's headline
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

@@ -232,7 +232,7 @@ def test_online_path_maps_hub_splits_and_bbh_tasks(monkeypatch):
 
 
 # --- config and file errors ----------------------------------------------------------------------
-@pytest.mark.parametrize("name", HUB_NAMES + ["gsm_symbolic"])
+@pytest.mark.parametrize("name", HUB_NAMES + ["gsm_symbolic", "math"])
 def test_yaml_matches_dataclass_defaults(name):
     from_yaml = BENCHMARKS.config(OmegaConf.load(Path(__file__).parents[1] / "conf" / "benchmark" / f"{name}.yaml"))
     config_cls, _ = BENCHMARKS.entry(name)
@@ -307,3 +307,45 @@ def test_gsm_symbolic_gold_solution_scores_one_and_perturbed_zero():
     assert bench.score(f"Work it out.\nThe total is \\boxed{{{r['answer']}}}.", r) == 1.0
     assert bench.score("", r) == 0.0 and bench.score("I do not know.", r) == 0.0
     assert bench.prompt(r).endswith(f"Question: {r['prompt']}\nAnswer:\n")
+
+
+# --- training data: MATH train (MATH-500 removed), GSM8K train --------------------------------------
+def math_train(**kw):
+    return get("math", data_files=str(FIX / "math_train.jsonl"), test_data_files=str(FIX / "math500.jsonl"), **kw)
+
+
+def test_math_trains_on_math_train_without_math500_problems():
+    bench = math_train(derived_fraction=0.0)
+    train, test = bench.load("train"), bench.load("test")
+    assert len(test) == 6 and test[0]["unique_id"] == "test/precalculus/807.json"  # MATH-500 is the test split
+    # 6 rows: one repeats a MATH-500 problem (other whitespace) and is removed, one has no \boxed{} (skipped)
+    assert bench.removed == 1 and len(train) == 4
+    assert not any("196" in r["prompt"] for r in train)
+    assert [r["answer"] for r in train] == ["17", "\\frac{3}{4}", "5", "49"]  # gold from the solution's \boxed{}
+    assert [r["subject"] for r in train][:2] == ["Algebra", "Prealgebra"]
+    prompt = bench.prompt(train[1])
+    assert prompt == "Simplify $\\frac{6}{8}$.\nPlease reason step by step, and put your final answer within \\boxed{}."
+    assert bench.prompt(test[0]).endswith(hub.PAPER_SUFFIX)  # the test problems get the same suffix
+    assert bench.score("so it is $\\boxed{0.75}$", train[1]) == 1.0 and bench.score("\\boxed{3/5}", train[1]) == 0.0
+
+
+def test_math_val_is_carved_from_train_and_disjoint():
+    bench = math_train(derived_fraction=0.25)
+    train, val = bench.load("train"), bench.load("val")
+    assert len(train) + len(val) == 4 and len(val) == 1
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in val}
+
+
+def test_math_offline_without_files_names_both_settings():
+    with pytest.raises(ConfigError, match="data_files"):
+        get("math").load("train")
+    with pytest.raises(ConfigError, match="benchmark.test_hub_id"):
+        get("math", test_hub_id="", data_files="x.jsonl")
+
+
+def test_gsm8k_trains_on_its_train_split(tmp_path):
+    bench = get("gsm8k", data_files={"train": str(FIX / "gsm8k.jsonl"), "test": str(FIX / "gsm8k.jsonl")},
+                derived_fraction=0.0)
+    assert get("gsm8k").cfg.split_map["train"] == "train"  # the hub's 7473 train problems
+    train = bench.load("train")
+    assert len(train) == 6 and train[0]["answer"] == "72"

@@ -89,7 +89,7 @@ def test_checkpoint_shortcut_and_benchmark_variants(compose, checkpoint):
 
 @pytest.mark.parametrize("override,needle", [
     ("benchmarks=[arith,nope]", "unknown benchmark 'nope'; available: aime24, aime25, arith, bbh, date, gsm8k, "
-                                "gsm_symbolic, math500"),
+                                "gsm_symbolic, math, math500"),
     ("samples=-1", "samples=-1"),
     ("split=", "split=''"),
     ("max_rows=0", "max_rows=0"),
@@ -105,8 +105,9 @@ def test_bad_input_fails_with_one_line(compose, override, needle):
 
 def test_random_checkpoint_on_two_benchmarks_writes_eval_json(compose, checkpoint, tmp_path):
     result = evaluate_model(compose([f"checkpoint={checkpoint}", *ARITH_S1, *QUICK, f"output_dir={tmp_path}"]))
-    metrics = {"accuracy", "sampled_accuracy", "pass@2", "maj@2"}
-    assert set(result) == {"model", "split", "samples", "seed", "benchmarks", "avg", "seconds"}
+    metrics = {"accuracy", "sampled_accuracy", "pass@2", "maj@2", "truncated"}
+    assert set(result) == {"model", "split", "samples", "seed", "protocol", "headline", "benchmarks", "avg", "seconds"}
+    assert (result["protocol"], result["headline"]) == ("greedy", "accuracy")
     assert list(result["benchmarks"]) == ["arith", "arith_s1"]
     for m in result["benchmarks"].values():
         assert set(m) == metrics | {"n"} and m["n"] == 5
@@ -128,14 +129,14 @@ def test_scripted_engine_gives_exact_metrics(compose, checkpoint, tmp_path, monk
                                                                        lambda j: j < 2))
     result = evaluate_model(compose([f"checkpoint={checkpoint}", "max_rows=5", "samples=3", "logger.wandb=false"]))
     assert result["benchmarks"]["arith"] == {"accuracy": 0.6, "sampled_accuracy": pytest.approx(2 / 3),
-                                             "pass@3": 1.0, "maj@3": 1.0, "n": 5}
+                                             "pass@3": 1.0, "maj@3": 1.0, "truncated": 0.0, "n": 5}
 
     monkeypatch.setattr(HFRolloutEngine, "generate", scripted_generate(tok, rows, lambda i: True, lambda j: True))
     assert evaluate_model(compose([f"checkpoint={checkpoint}", *QUICK]))["avg"] == \
-        {"accuracy": 1.0, "sampled_accuracy": 1.0, "pass@2": 1.0, "maj@2": 1.0}
+        {"accuracy": 1.0, "sampled_accuracy": 1.0, "pass@2": 1.0, "maj@2": 1.0, "truncated": 0.0}
     monkeypatch.setattr(HFRolloutEngine, "generate", scripted_generate(tok, rows, lambda i: False, lambda j: False))
     assert evaluate_model(compose([f"checkpoint={checkpoint}", *QUICK]))["avg"] == \
-        {"accuracy": 0.0, "sampled_accuracy": 0.0, "pass@2": 0.0, "maj@2": 0.0}
+        {"accuracy": 0.0, "sampled_accuracy": 0.0, "pass@2": 0.0, "maj@2": 0.0, "truncated": 0.0}
 
 
 def test_greedy_only_reports_accuracy_and_logs_wandb_keys(compose, checkpoint, monkeypatch):
@@ -154,9 +155,11 @@ def test_greedy_only_reports_accuracy_and_logs_wandb_keys(compose, checkpoint, m
 
     monkeypatch.setattr(wandb, "init", lambda **kw: FakeRun() if kw["mode"] == "offline" else None)
     result = evaluate_model(compose([f"checkpoint={checkpoint}", *ARITH_S1, "max_rows=3", "samples=0"]))
-    assert result["benchmarks"]["arith"].keys() == {"accuracy", "n"} and result["avg"].keys() == {"accuracy"}
-    assert set(logged) == {"eval/arith/accuracy", "eval/arith/n", "eval/arith_s1/accuracy", "eval/arith_s1/n",
-                           "eval/avg/accuracy", "finished"}
+    assert result["benchmarks"]["arith"].keys() == {"accuracy", "truncated", "n"}
+    assert result["avg"].keys() == {"accuracy", "truncated"}
+    assert set(logged) == {"eval/arith/accuracy", "eval/arith/truncated", "eval/arith/n", "eval/arith_s1/accuracy",
+                           "eval/arith_s1/truncated", "eval/arith_s1/n", "eval/avg/accuracy", "eval/avg/truncated",
+                           "finished"}
     assert logged["eval/avg/accuracy"] == result["avg"]["accuracy"] and logged["eval/arith/n"] == 3
 
 
@@ -170,7 +173,7 @@ def test_command_line_prints_table_and_exits_2_on_bad_input(checkpoint, tmp_path
     main()
     out = capsys.readouterr().out
     saved = json.loads((run_dir / "eval.json").read_text())
-    assert "| benchmark | n | accuracy | sampled_accuracy | pass@2 | maj@2 | seconds |" in out
+    assert "| benchmark | n | accuracy | sampled_accuracy | pass@2 | maj@2 | truncated | seconds |" in out
     assert f"| arith | 2 | {saved['benchmarks']['arith']['accuracy']:.3f} |" in out
     assert saved["benchmarks"]["arith"]["n"] == 2
 

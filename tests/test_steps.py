@@ -146,7 +146,74 @@ def test_no_delimiter_is_one_step_and_empty_is_none(chars):
 # --- config validation ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs", [dict(delimiters=[]), dict(delimiters=["\n", ""]), dict(min_tokens=0),
-                                    dict(max_steps=0)])
+                                    dict(max_steps=0), dict(overflow="spread")])
 def test_bad_steps_config(kwargs):
     with pytest.raises(ConfigError, match="bad config gpo.steps"):
         StepsConfig(**kwargs)
+
+
+# --- the paper's rule on long chains (hub benchmarks: min 30 tokens, at most 30 steps, balanced) -----
+PAPER_STEPS = StepsConfig(delimiters=PAPER, min_tokens=30, max_steps=30, overflow="balance")
+
+
+def _chain(tok: PreTrainedTokenizerFast, n_paragraphs: int, length=lambda i: 40) -> list[int]:
+    """n paragraphs separated by blank lines; paragraph i has length(i) characters (= tokens here)."""
+    paras = ["a" * (length(i) - 1) + "." for i in range(n_paragraphs)]
+    return enc(tok, "\n\n".join(paras), eos=True)
+
+
+@pytest.fixture(scope="module")
+def para_chars() -> PreTrainedTokenizerFast:
+    return char_tokenizer(["a.\n b"])
+
+
+def test_paper_rule_five_paragraphs_keeps_each_paragraph(para_chars):
+    ids = _chain(para_chars, 5)
+    ends = split_steps(ids, para_chars, PAPER_STEPS)
+    assert ends == [42, 84, 126, 168, len(ids)]  # 40 chars + "\n\n" per paragraph, the last with eos
+    assert all(t.endswith(".\n\n") for t in step_texts(ids, ends, para_chars)[:-1])
+
+
+def test_paper_rule_thirty_paragraphs_are_thirty_steps(para_chars):
+    ids = _chain(para_chars, 30)
+    ends = split_steps(ids, para_chars, PAPER_STEPS)
+    assert len(ends) == 30 and ends == [42 * (i + 1) for i in range(29)] + [len(ids)]
+
+
+def test_paper_rule_merges_short_paragraphs_first(para_chars):
+    ids = _chain(para_chars, 12, length=lambda i: 10)  # 12 steps of 12 tokens: merged until >= 30
+    ends = split_steps(ids, para_chars, PAPER_STEPS)
+    spans = [b - a for a, b in zip([0, *ends[:-1]], ends)]
+    assert ends == [36, 72, 108, len(ids)] and min(spans) >= 30
+
+
+def test_paper_rule_two_hundred_paragraphs_balance_into_thirty_spans(para_chars):
+    ids = _chain(para_chars, 200)
+    ends = split_steps(ids, para_chars, PAPER_STEPS)
+    spans = [b - a for a, b in zip([0, *ends[:-1]], ends)]
+    assert len(ends) == 30 and ends[-1] == len(ids)
+    # 200 / 30 = 6.67 paragraphs per span: every span holds 6 or 7 whole paragraphs (42 tokens each),
+    # never the old rule's 29 single paragraphs plus a 171-paragraph tail.
+    assert {round(s / 42) for s in spans} <= {6, 7} and max(spans) - min(spans) <= 43
+    texts = step_texts(ids, ends, para_chars)
+    assert all(t.endswith(".\n\n") for t in texts[:-1])  # spans still end at delimiters
+    old = split_steps(ids, para_chars, StepsConfig(delimiters=PAPER, min_tokens=30, max_steps=30))
+    assert len(old) == 30 and old[-1] - old[-2] > 100 * 42  # the tail rule: everything after step 29 in one
+
+
+def test_paper_rule_balances_uneven_paragraphs(para_chars):
+    ids = _chain(para_chars, 200, length=lambda i: 35 if i % 3 else 120)  # long and short paragraphs
+    ends = split_steps(ids, para_chars, PAPER_STEPS)
+    spans = [b - a for a, b in zip([0, *ends[:-1]], ends)]
+    assert len(ends) == 30
+    assert max(spans) <= 1.5 * len(ids) / 30  # within half a mean span of even
+
+
+def test_tiny_arith_default_segmentation_is_unchanged():
+    from gpo_exp.benchmarks import get
+
+    cfg = get("arith").cfg.steps
+    assert (cfg.delimiters, cfg.min_tokens, cfg.max_steps, cfg.overflow) == (["\n"], 1, 30, "tail")
+    for name in ("gsm8k", "math500", "math", "bbh", "aime24", "aime25", "date"):
+        s = get(name, data_files="unused.jsonl").cfg.steps
+        assert (s.delimiters, s.min_tokens, s.max_steps, s.overflow) == (PAPER, 30, 30, "balance"), name

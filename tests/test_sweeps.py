@@ -32,7 +32,7 @@ from tests.conftest import CONF_DIR
 ROOT = CONF_DIR.parent
 SWEEPS = ROOT / "sweeps"
 OPTS = ("dpo", "kto", "simpo", "orpo", "ppo", "grpo")
-JOBS = {"main": 36, "reset": 15, "k": 15, "budget": 6, "smoke": 12, "probe_temperature": 9}  # grid sweeps -> number of runs
+JOBS = {"main": 36, "reset": 15, "k": 15, "budget": 6, "smoke": 12, "probe_temperature": 9, "paper": 10}  # grid sweeps -> number of runs
 OPTUNA = "optuna"  # the one non-grid sweep (needs hydra-optuna-sweeper)
 # Until the lead ships the warm-start checkpoint, a tiny warm start (20 steps of 16) keeps the slow test
 # in minutes; accuracy is then ~0, which the test does not check.
@@ -111,6 +111,16 @@ def test_main_is_every_optimizer_with_and_without_gpo(sweep_jobs):
     opts = ["dpo", "kto", "simpo", "orpo", "ppo", "grpo"]
     assert _arms(jobs) == {(a, "mc", 4, s) for o in opts for a in (o, f"gpo-{o}") for s in (0, 1, 2)}
     assert {c.trainer.rounds for c in jobs} == {5} and {c.gpo.max_generated_tokens for c in jobs} == {None}
+
+
+def test_paper_is_the_table_1_grid_on_r1_distill_7b(hcompose, sweep_jobs):
+    jobs = sweep_jobs("paper")
+    opts = ["dpo", "kto", "simpo", "orpo", "ppo"]
+    assert _arms(jobs) == {(a, "mc", 4, 0) for o in opts for a in (o, f"gpo-{o}")}
+    assert {(c.model.name, c.benchmark.name, c.trainer.eval_protocol, c.engine.temperature, c.engine.top_p)
+            for c in jobs} == {("r1_distill_qwen_7b", "math", "sampled", 0.6, 0.95)}
+    small = hcompose(["+sweep=paper", "experiment=paper_r1_1p5b_math"])  # the command line picks the 1.5B
+    assert small.model.name == "r1_distill_qwen_1p5b" and small.gpo.prompts_per_round == 64
 
 
 def test_reset_compares_estimators_on_gpo_dpo(sweep_jobs):

@@ -7,6 +7,7 @@ plus one YAML in conf/benchmark/.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -15,21 +16,27 @@ from gpo_exp.registry import ConfigError, Registry, check
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+_NUMBER = re.compile(r"-?\d[\d,]*\.?\d*")
+MAX_VOTE_CHARS = 8000  # final answers live at the end: only this tail is searched
+OVERFLOWS = ("tail", "balance")  # StepsConfig.overflow
 
 
 @dataclass
 class StepsConfig:
-    """How a completion is cut into steps (the paper's code: newline delimiters, merge short, cap at 30)."""
+    """How a completion is cut into steps (the paper's code: newline delimiters, merge short, cap at 30).
+    The rule, step by step, is in gpo_exp/rollout/steps.py."""
 
     delimiters: list[str] = field(default_factory=lambda: ["\n"])  # a step ends after any of these strings
     min_tokens: int = 1  # a step shorter than this many tokens is merged into the next one
-    max_steps: int = 30  # steps beyond this are merged into the last one
+    max_steps: int = 30  # at most this many steps; what happens past it is `overflow`
+    overflow: str = "tail"  # more than max_steps steps: tail = the rest joins the last step | balance = merge neighbours into max_steps spans of similar token length (hub benchmarks)
 
     def __post_init__(self) -> None:
         check(len(self.delimiters) > 0 and all(len(d) > 0 for d in self.delimiters),
               "gpo.steps.delimiters", self.delimiters, "a non-empty list of non-empty strings")
         check(self.min_tokens >= 1, "gpo.steps.min_tokens", self.min_tokens, ">= 1")
         check(self.max_steps >= 1, "gpo.steps.max_steps", self.max_steps, ">= 1")
+        check(self.overflow in OVERFLOWS, "gpo.steps.overflow", self.overflow, f"one of {', '.join(OVERFLOWS)}")
 
 
 @dataclass
@@ -62,6 +69,15 @@ class Benchmark:
     def score(self, completion: str, row: dict[str, Any]) -> float:
         """Final-answer correctness in [0, 1]. Never raises: an unparsable completion scores 0."""
         raise NotImplementedError
+
+    def final_answer(self, completion: str) -> str | None:
+        """The completion's final answer, for majority voting (maj@k): by default its last number."""
+        nums = _NUMBER.findall(completion[-MAX_VOTE_CHARS:])
+        return nums[-1].replace(",", "").rstrip(".") if nums else None
+
+    def same_answer(self, a: str, b: str) -> bool:
+        """Whether two final answers are the same answer (maj@k's vote groups). Default: equal strings."""
+        return a == b
 
     def first_wrong_step(self, steps: Sequence[str], row: dict[str, Any]) -> int | None:
         """Index of the first wrong step of a completion, or None when unknown or all correct."""

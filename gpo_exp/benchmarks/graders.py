@@ -175,3 +175,29 @@ def grade_math(pred_text: object, gold: object) -> bool:
     except Exception as e:  # noqa: BLE001 -- includes math-verify's TimeoutException
         log.debug("grade_math failed on %r: %s", str(pred_text)[-80:], e)
         return False
+
+
+def _parse_answer(ans: object) -> list:
+    """math-verify's parse of a bare LaTeX answer ('\\frac{3}{4}', '0.75', '(1, 2)'); [] when unparsable."""
+    from math_verify import parse
+
+    a = str(ans).strip()
+    t = _math_timeout()
+    return parse(a if ("$" in a or "\\boxed" in a) else f"${a}$", parsing_timeout=t) or parse(a, parsing_timeout=t)
+
+
+def math_equal(a: object, b: object) -> bool:
+    """True when two final answers are the same by math-verify ('\\frac{3}{4}' vs '0.75' vs '3/4'); else
+    string equality after whitespace removal (what cannot be parsed is compared as text)."""
+    try:
+        if a is None or b is None:
+            return False
+        if "".join(str(a).split()) == "".join(str(b).split()):
+            return True
+        from math_verify import verify
+
+        pa, pb = _parse_answer(a), _parse_answer(b)
+        return bool(pa and pb and verify(pa, pb, timeout_seconds=_math_timeout()))
+    except Exception as e:  # noqa: BLE001 -- includes math-verify's TimeoutException
+        log.debug("math_equal failed on %r vs %r: %s", str(a)[:80], str(b)[:80], e)
+        return False

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from gpo_exp.benchmarks.base import BENCHMARKS, Benchmark, BenchmarkConfig, StepsConfig
-from gpo_exp.benchmarks.graders import number_str, score_gsm8k, to_number
+from gpo_exp.benchmarks.graders import (extract_boxed, extract_gsm8k, grade_number, number_str, score_gsm8k,
+                                        to_number)
 from gpo_exp.benchmarks.hub import GSM_TEMPLATE
 from gpo_exp.registry import check
 
@@ -91,3 +92,10 @@ class GsmSymbolic(Benchmark):
     def score(self, completion: str, row: dict[str, Any]) -> float:
         """1.0 when the '#### N' (or 'answer is N', or \\boxed{N}) number equals the gold answer."""
         return score_gsm8k(completion, row["answer"])
+
+    def final_answer(self, completion: str) -> str | None:
+        """The number score_gsm8k grades (maj@k votes on it)."""
+        return extract_gsm8k(completion) or extract_boxed(completion)
+
+    def same_answer(self, a: str, b: str) -> bool:
+        return grade_number(a, b)

@@ -34,8 +34,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from gpo_exp.benchmarks.base import BENCHMARKS, SPLITS, Benchmark, BenchmarkConfig, StepsConfig
-from gpo_exp.benchmarks.graders import (extract_choice, extract_final, extract_gsm8k, grade_math, grade_number,
-                                        normalize_text, number_str, score_gsm8k)
+from gpo_exp.benchmarks.graders import (extract_boxed, extract_choice, extract_final, extract_gsm8k, grade_math,
+                                        grade_number, math_equal, normalize_text, number_str, score_gsm8k)
 from gpo_exp.registry import ConfigError, check
 
 PROBE_TIMEOUT_S = 3.0  # how long the reachability probe may take before the hub counts as offline
@@ -44,6 +44,10 @@ _CALC = re.compile(r"<<[^>]*>>")  # GSM8K calculator annotations: '48/2 = <<48/2
 _LETTERS = "ABCDEFGHIJKLMNOPQR"
 
 STEP_INSTRUCTION = "Think step by step and write one step per line."
+# Appended to each MATH problem by `math` (and by math500/aime with benchmark.prompt_suffix set). The GPO
+# paper's exact wording was not found in its text; this is DeepSeek-R1's recommended instruction for
+# math (its model card), which the paper's model was tuned on.
+PAPER_SUFFIX = "Please reason step by step, and put your final answer within \\boxed{}."
 MATH_TEMPLATE = ("Solve the problem. " + STEP_INSTRUCTION + " Put the final answer in \\boxed{{}}.\n\n"
                  "Problem: {question}\nSolution:\n")
 GSM_TEMPLATE = ("Solve the math word problem. " + STEP_INSTRUCTION + " On the last line write the final "
@@ -180,9 +184,14 @@ def _default(value: Any) -> Any:
     return field(default_factory=lambda: copy.deepcopy(value))
 
 
-def _line_steps(min_tokens: int) -> Any:
-    """Steps end at blank lines or newlines (the prompts ask for one step per line)."""
-    return field(default_factory=lambda: StepsConfig(delimiters=["\n\n", "\n"], min_tokens=min_tokens, max_steps=30))
+PAPER_DELIMITERS = ["\n", "\n\n", ".\n", ".\n\n"]  # the paper's code
+
+
+def paper_steps() -> Any:
+    """The paper's segmentation (default of every hub benchmark): newline delimiters, steps under 30
+    tokens merged, at most 30 steps, a longer chain merged into 30 spans of similar length."""
+    return field(default_factory=lambda: StepsConfig(delimiters=list(PAPER_DELIMITERS), min_tokens=30, max_steps=30,
+                                                     overflow="balance"))
 
 
 # --- the family ---------------------------------------------------------------------------------
@@ -270,7 +279,7 @@ class Gsm8kConfig(HubConfig):
     columns: dict[str, str] = _default({"prompt": "question", "solution": "answer"})  # gold = the solution's '#### N'
     derived_fraction: float = 0.05  # val = 5% of train (374 problems)
     max_new_tokens: int = 320  # gold solutions are < 200 tokens
-    steps: StepsConfig = _line_steps(min_tokens=4)  # one step per line
+    steps: StepsConfig = paper_steps()  # the paper: newline steps of >= 30 tokens, <= 30 steps
 
 
 @BENCHMARKS.register("gsm8k", Gsm8kConfig)
@@ -292,6 +301,13 @@ class Gsm8k(HubBenchmark):
     def score(self, completion: str, row: dict[str, Any]) -> float:
         return score_gsm8k(completion, row["answer"])
 
+    def final_answer(self, completion: str) -> str | None:
+        """The number score_gsm8k grades: '#### N', else 'answer is N', else the last \\boxed{}."""
+        return extract_gsm8k(completion) or extract_boxed(completion)
+
+    def same_answer(self, a: str, b: str) -> bool:
+        return grade_number(a, b)
+
 
 @dataclass
 class MathConfig(HubConfig):
@@ -303,19 +319,96 @@ class MathConfig(HubConfig):
     donor: str = "test"  # train and val are carved from test (50 each; test keeps 400)
     derived_fraction: float = 0.1  # 0 keeps all 500 for test (train/val then empty)
     max_new_tokens: int = 1024  # MATH solutions run to several hundred tokens
-    steps: StepsConfig = _line_steps(min_tokens=8)  # display math spans lines: merge short ones
+    steps: StepsConfig = paper_steps()  # the paper: newline steps of >= 30 tokens, <= 30 steps
+    prompt_suffix: Optional[str] = None  # null: MATH_TEMPLATE (one step per line) | a string: the problem, a newline, then it (the reasoning presets' protocol, e.g. PAPER_SUFFIX)
 
 
 @BENCHMARKS.register("math500", MathConfig)
 class Math500(HubBenchmark):
     name = "math500"
+    cfg: MathConfig
 
     def prompt(self, row: dict[str, Any]) -> str:
+        if self.cfg.prompt_suffix is not None:
+            return f"{row['prompt']}\n{self.cfg.prompt_suffix}"
         return MATH_TEMPLATE.format(question=row["prompt"])
 
     def score(self, completion: str, row: dict[str, Any]) -> float:
         """math-verify equivalence of the completion's \\boxed{} answer with the gold LaTeX answer."""
         return float(grade_math(completion, row["answer"]))
+
+    def final_answer(self, completion: str) -> str | None:
+        """The last \\boxed{} answer (else the last number): voted on by math-verify equivalence."""
+        return extract_boxed(completion) or super().final_answer(completion)
+
+    def same_answer(self, a: str, b: str) -> bool:
+        return math_equal(a, b)
+
+
+def problem_key(text: Any) -> str:
+    """A problem's text with whitespace collapsed: what decontamination compares."""
+    return " ".join(str(text).split())
+
+
+@dataclass
+class MathTrainConfig(MathConfig):
+    name: str = "math"  # registry name
+    hub_id: str = "DigitalLearningGmbH/MATH-lighteval"  # parquet copy of MATH (Hendrycks et al.): 7500 train / 5000 test, columns problem, level, type, solution
+    columns: dict[str, str] = _default({"prompt": "problem", "answer": "answer", "solution": "solution",
+                                        "level": "level", "subject": "type"})  # gold: `answer`, else the solution's last \boxed{}
+    split_map: dict[str, str] = _default({"train": "train"})  # training prompts; test is MATH-500 (test_hub_id)
+    donor: str = "train"  # val is carved from train
+    derived_fraction: float = 0.02  # val = 2% of train (150 problems)
+    test_hub_id: str = "HuggingFaceH4/MATH-500"  # our test split: MATH-500; its problems are removed from train and val
+    test_data_files: Any = None  # local MATH-500 file(s) (columns problem, answer) instead of test_hub_id
+    prompt_suffix: Optional[str] = PAPER_SUFFIX  # appended to every problem: asks for the reasoning and a \boxed{} answer
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(bool(self.test_hub_id) or self.test_data_files is not None, "benchmark.test_hub_id", self.test_hub_id,
+              "a dataset id of the test problems (MATH-500), or set benchmark.test_data_files")
+        check(_valid_data_files(self.test_data_files) and not isinstance(self.test_data_files, dict),
+              "benchmark.test_data_files", self.test_data_files, "a path or list of .json/.jsonl/.parquet paths")
+
+
+@BENCHMARKS.register("math", MathTrainConfig)
+class MathTrain(Math500):
+    """MATH's train split for training, MATH-500 for test, with every MATH-500 problem removed from train/val
+    (MATH-500 is drawn from MATH's test split; a file that also holds test problems is decontaminated)."""
+
+    name = "math"
+    cfg: MathTrainConfig
+
+    def __init__(self, cfg: MathTrainConfig) -> None:
+        super().__init__(cfg)
+        self.removed = 0  # train/val rows dropped because their problem is a test problem
+
+    def convert(self, raw: dict[str, Any]) -> dict[str, Any]:
+        row = super().convert(raw)
+        if row.get("answer") is None and isinstance(row.get("solution"), str):
+            row["answer"] = extract_boxed(row["solution"])  # MATH's own files keep the gold in the solution
+        return row
+
+    def _load(self, split: str) -> list[dict[str, Any]]:
+        if self._splits is None:
+            test_cfg = {"name": "math500", "hub_id": self.cfg.test_hub_id or "unused", "data_files":
+                        self.cfg.test_data_files, "derived_fraction": 0.0, "prompt_suffix": self.cfg.prompt_suffix}
+            try:
+                test = [r for r in BENCHMARKS.build(test_cfg)._load("test") if isinstance(r.get("prompt"), str)]
+            except ConfigError as e:
+                raise ConfigError(f"benchmark math: test split {self.cfg.test_hub_id!r} unavailable ({e}); set "
+                                  "benchmark.test_data_files=<MATH-500 .jsonl|.parquet>") from None
+            banned = {problem_key(r["prompt"]) for r in test}
+            sources = self._read_files() if self.cfg.data_files is not None else self._read_hub()
+            sources.pop("test", None)  # test is MATH-500 alone
+            col = self.cfg.columns["prompt"]
+            kept = {s: [r for r in rows if problem_key(r.get(col, "")) not in banned] for s, rows in sources.items()}
+            self.removed = sum(len(rows) for rows in sources.values()) - sum(len(rows) for rows in kept.values())
+            splits = derive_splits({**kept, "test": []}, self.cfg.donor, self.cfg.derived_fraction, self.cfg.seed)
+            splits.update({s: [] for s in ("train", "val") if s not in splits})
+            self._splits = {s: [self.convert(r) for r in rows] for s, rows in splits.items() if s != "test"}
+            self._splits["test"] = test
+        return list(self._splits.get(split, []))
 
 
 @dataclass
@@ -385,7 +478,7 @@ class BbhConfig(HubConfig):
     split_map: dict[str, str] = _default({"test": "test"})  # the hub has test only
     donor: str = "test"  # train and val are carved from test, 10% each
     max_new_tokens: int = 384  # BBH chain-of-thought answers are a few sentences
-    steps: StepsConfig = _line_steps(min_tokens=4)  # one step per line
+    steps: StepsConfig = paper_steps()  # the paper: newline steps of >= 30 tokens, <= 30 steps
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -419,6 +512,9 @@ class Bbh(HubBenchmark):
         gold = row["answer"]
         return score_choice(completion, gold) if _is_choice(gold) else score_free(completion, gold)
 
+    def final_answer(self, completion: str) -> str | None:
+        return extract_choice(completion) or extract_final(completion)
+
 
 @dataclass
 class DateConfig(HubConfig):
@@ -430,7 +526,7 @@ class DateConfig(HubConfig):
     split_map: dict[str, str] = _default({"train": "train", "test": "validation"})  # BIG-bench has no test split
     donor: str = "train"  # val is carved from train
     max_new_tokens: int = 256  # date arithmetic takes a few lines
-    steps: StepsConfig = _line_steps(min_tokens=4)  # one step per line
+    steps: StepsConfig = paper_steps()  # the paper: newline steps of >= 30 tokens, <= 30 steps
 
 
 @BENCHMARKS.register("date", DateConfig)
@@ -461,5 +557,8 @@ class Date(HubBenchmark):
 
     def score(self, completion: str, row: dict[str, Any]) -> float:
         return score_choice(completion, row["answer"], row.get("answer_text"))
+
+    def final_answer(self, completion: str) -> str | None:
+        return extract_choice(completion) or extract_final(completion)
 
 

@@ -29,6 +29,10 @@ def build_base(cfg: ModelConfig, texts: Sequence[str], device: torch.device | No
     if cfg.source == "tiny":
         tokenizer = char_tokenizer(texts)
         return tiny_model(cfg, tokenizer), tokenizer
+    if cfg.source == "random":
+        from gpo_exp.models.random_init import random_model
+
+        return random_model(cfg, device)
     return load_hub(cfg, device)
 
 

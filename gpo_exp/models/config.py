@@ -6,7 +6,7 @@ from typing import Any
 
 from gpo_exp.registry import check
 
-SOURCES = ("tiny", "hub", "gguf")
+SOURCES = ("tiny", "hub", "gguf", "random")  # random: a preset's architecture, shrunk, random weights (models/random_init.py)
 # Fields that change a model's initial weights: only these enter the warm-start cache key, so adding
 # a runtime field (checkpointing, LoRA, templates) never orphans a cached or shipped warm start.
 WEIGHT_FIELDS = ("name", "source", "path", "gguf_file", "package", "dtype", "chat_template", "arch", "n_layer",
@@ -16,7 +16,7 @@ WEIGHT_FIELDS = ("name", "source", "path", "gguf_file", "package", "dtype", "cha
 @dataclass
 class ModelConfig:
     name: str = "tiny"  # preset name, used in run directory names
-    source: str = "tiny"  # tiny: built from this config in code | hub: HF hub id or local dir | gguf: a GGUF file
+    source: str = "tiny"  # tiny: built from this config in code | hub: HF hub id or local dir | gguf: a GGUF file | random: a random-init twin of hub model `path` (n_layer/n_embd/n_head; SmolLM2 tokenizer)
     path: str | None = None  # hub id or local HF directory (hub); directory holding gguf_file (gguf)
     gguf_file: str | None = None  # GGUF file name inside `path` (gguf)
     package: str | None = None  # python package that ships the weights; `path` is resolved inside it (gguf)

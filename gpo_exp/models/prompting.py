@@ -6,7 +6,10 @@ tokenizer's usual specials.
 """
 from __future__ import annotations
 
-from transformers import PreTrainedTokenizerBase
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # type only: config validation imports this module before transformers
+    from transformers import PreTrainedTokenizerBase
 
 
 def uses_chat_template(tokenizer: PreTrainedTokenizerBase, use_chat_template: bool) -> bool:

@@ -1,45 +1,78 @@
-"""Accuracy of a policy on benchmark rows: greedy pass@1, sampled accuracy, pass@k and maj@k."""
+"""Accuracy of a policy on benchmark rows: greedy pass@1, sampled pass@1, pass@k and maj@k.
+
+Two protocols (`PROTOCOLS`), each naming its headline metric:
+  greedy   greedy pass@1 (`accuracy`), plus the sampled metrics when samples > 0 (tiny, small models);
+  sampled  no greedy decoding: pass@1 averaged over `samples` samples per problem at the engine's
+           temperature (`sampled_accuracy`), as reasoning models are evaluated (R1's card: T=0.6,
+           top-p 0.95; greedy decoding makes them loop).
+maj@k votes over the samples' final answers grouped by the benchmark's `same_answer` (math-verify
+equivalence for MATH-style benchmarks: \\boxed{\\frac{3}{4}} and \\boxed{0.75} are one vote).
+`truncated` is the share of generations the length limit cut off (they score 0).
+"""
 from __future__ import annotations
 
-import re
-from collections import Counter
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from gpo_exp.rollout.sampler import PolicySampler
 
 EVAL_SEED = 12345  # fixed: every evaluation of every run draws the same sample indices
+PROTOCOLS = {"greedy": "accuracy", "sampled": "sampled_accuracy"}  # protocol -> its headline metric
 
 
-def _final_answer(text: str) -> str:
-    """A normalised final answer for majority voting: the last number in the completion (or its tail)."""
-    nums = re.findall(r"-?\d[\d,]*\.?\d*", text)
-    return nums[-1].replace(",", "").rstrip(".") if nums else text.strip()[-40:]
+def headline_metric(protocol: str) -> str:
+    """The evaluate() key a protocol reports as its result."""
+    return PROTOCOLS[protocol]
+
+
+def majority(answers: Sequence[str | None], same: Callable[[str, str], bool]) -> list[int]:
+    """Indices of the answers in the largest group of equivalent ones (ties: the group seen first);
+    None answers (nothing extractable) vote for nothing; [] when there is no answer at all."""
+    groups: list[list[int]] = []
+    for i, a in enumerate(answers):
+        if a is None:
+            continue
+        for g in groups:
+            if same(answers[g[0]], a):  # type: ignore[arg-type]
+                g.append(i)
+                break
+        else:
+            groups.append([i])
+    return max(groups, key=len) if groups else []  # max keeps the first of equal-sized groups
 
 
 def evaluate(sampler: PolicySampler, rows: Sequence[dict[str, Any]], samples: int = 4,
-             seed: int = EVAL_SEED) -> dict[str, float]:
-    """Greedy pass@1 on every row; with samples > 0 also mean sampled accuracy, pass@k and maj@k (k = samples)."""
-    engine, old_seed = sampler.engine, sampler.seed
+             seed: int = EVAL_SEED, greedy: bool = True) -> dict[str, float]:
+    """Greedy pass@1 (`accuracy`, when greedy) and with samples > 0 mean sampled accuracy (pass@1 averaged
+    over the samples), pass@k and maj@k (k = samples); `truncated`: share of generations cut off."""
+    if not greedy and samples < 1:
+        raise ValueError("evaluate: the sampled protocol needs samples >= 1")
+    engine, old_seed, bench = sampler.engine, sampler.seed, sampler.benchmark
     sampler.seed = seed
     try:
         prompts = [sampler.encode(r) for r in rows]
-        greedy = engine.generate(prompts, [0] * len(prompts), seed=seed, greedy=True)
-        out = {"accuracy": sum(sampler.reward(g.ids, r, g.finished) for g, r in zip(greedy, rows)) / len(rows)}
+        out: dict[str, float] = {}
+        cut = total = 0
+        if greedy:
+            gens = engine.generate(prompts, [0] * len(prompts), seed=seed, greedy=True)
+            out["accuracy"] = sum(sampler.reward(g.ids, r, g.finished) for g, r in zip(gens, rows)) / len(rows)
+            cut, total = sum(not g.finished for g in gens), len(gens)
         if samples > 0:
             gens = engine.generate([p for p in prompts for _ in range(samples)],
                                    [j for _ in prompts for j in range(samples)], seed=seed)
+            cut, total = cut + sum(not g.finished for g in gens), total + len(gens)
             scores, passes, majs = [], 0, 0
             for i, row in enumerate(rows):
                 group = gens[i * samples:(i + 1) * samples]
                 texts = [sampler.tokenizer.decode(g.ids, skip_special_tokens=True) for g in group]
                 # decode once: score the same texts that are voted on (cut-off completions score 0)
-                rs = [float(sampler.benchmark.score(t, row)) if g.finished else 0.0 for t, g in zip(texts, group)]
+                rs = [float(bench.score(t, row)) if g.finished else 0.0 for t, g in zip(texts, group)]
                 scores += rs
                 passes += max(rs) > 0
-                vote = Counter(_final_answer(t) for t in texts).most_common(1)[0][0]
-                majs += max((r for t, r in zip(texts, rs) if _final_answer(t) == vote), default=0.0) > 0
+                answers = [bench.final_answer(t) if g.finished else None for t, g in zip(texts, group)]
+                majs += max((rs[j] for j in majority(answers, bench.same_answer)), default=0.0) > 0
             out.update({"sampled_accuracy": sum(scores) / len(scores), f"pass@{samples}": passes / len(rows),
                         f"maj@{samples}": majs / len(rows)})
+        out["truncated"] = cut / total
         return out
     finally:
         sampler.seed = old_seed

@@ -73,7 +73,7 @@ def prompt_groups(trajs: Sequence[Trajectory]) -> list[Group]:
     for t in trajs:
         by_prompt[tuple(t.prompt_ids)].append(t)
     return [Group(prompt_ids=ts[0].prompt_ids, prefix_ids=[], uid=ts[0].uid, step=0,
-                  continuations=[Continuation(ids=t.completion_ids, reward=t.reward) for t in ts])
+                  continuations=[Continuation(ids=t.completion_ids, reward=t.reward, finished=t.finished) for t in ts])
             for ts in by_prompt.values()]
 
 
@@ -95,7 +95,7 @@ def reset_groups(trajs: Sequence[Trajectory], locs: Sequence[Localization], samp
         if reuse:
             cands += loc.samples.get(step, [])
         if cfg.include_original:
-            cands.append(Continuation(ids=t.completion_ids[t.prefix_len(step):], reward=t.reward))
+            cands.append(Continuation(ids=t.completion_ids[t.prefix_len(step):], reward=t.reward, finished=t.finished))
         groups.append(Group(prompt_ids=t.prompt_ids, prefix_ids=t.completion_ids[: t.prefix_len(step)],
                             continuations=cands, uid=t.uid, step=step))
     return groups
@@ -157,6 +157,8 @@ def round_stats(data: RoundData, cfg: GPOConfig) -> dict[str, Any]:
         "rollout/train_accuracy": sum(t.reward for t in trajs) / max(1, len(trajs)),
         "rollout/mean_steps": sum(t.n_steps for t in trajs) / max(1, len(trajs)),
         "rollout/trajectory_tokens": c["traj_tokens"],
+        "rollout/truncated": sum(not t.finished for t in trajs),  # cut off by max_new_tokens: reward 0
+        "rollout/truncated_fraction": sum(not t.finished for t in trajs) / max(1, len(trajs)),
     }
     if locs is not None:
         explored = [loc for loc in locs if loc.status != "skipped"]
@@ -176,6 +178,9 @@ def round_stats(data: RoundData, cfg: GPOConfig) -> dict[str, Any]:
             "gpo/estimation_tokens": sum(loc.tokens for loc in explored),
             "gpo/reset_tokens": c["reset_tokens"],
             "gpo/reset_groups": len(data.groups),
+            "gpo/estimation_truncated": sum(not c.finished for loc in explored for cs in loc.samples.values()
+                                            for c in cs if c.drawn),
+            "gpo/candidates_truncated": sum(not c.finished for g in data.groups for c in g.continuations),  # of the reset groups' candidates
         })
     stats["time/rollout_s"] = c["time"]
     stats["rollout/round_generated_tokens"] = c["tokens"]

@@ -7,15 +7,16 @@ estimators call, so an estimator never sees a model.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
-
-from transformers import PreTrainedTokenizerBase
+from typing import TYPE_CHECKING, Any, Sequence
 
 from gpo_exp.benchmarks.base import Benchmark, StepsConfig
 from gpo_exp.models.prompting import encode_prompt
 from gpo_exp.rollout.engine import RolloutEngine
 from gpo_exp.rollout.steps import split_steps, step_texts
 from gpo_exp.rollout.types import Continuation, Job, Trajectory
+
+if TYPE_CHECKING:  # type only: config validation imports this module before transformers
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass
@@ -47,7 +48,7 @@ class PolicySampler:
             traj = Trajectory(prompt_ids=prompt, completion_ids=g.ids, reward=self.reward(g.ids, row, g.finished),
                               step_ends=split_steps(g.ids, self.tokenizer, self.steps), row=row,
                               text=self.tokenizer.decode(g.ids, skip_special_tokens=True), uid=uid_start + i,
-                              token_logprobs=g.logprobs or None)
+                              token_logprobs=g.logprobs or None, finished=g.finished)
             if traj.reward == 0 and traj.n_steps:
                 traj.first_error = self.benchmark.first_wrong_step(
                     step_texts(g.ids, traj.step_ends, self.tokenizer), row)

@@ -1,17 +1,27 @@
 """Step segmentation on token offsets.
 
-A completion is cut after every delimiter (the paper's code: "\\n", "\\n\\n", ".\\n", ".\\n\\n"),
-steps shorter than `min_tokens` are merged into the next one, and steps past `max_steps` are merged
-into the last. Boundaries are token offsets into the sampled ids, so every prefix handed to the
-policy later is exactly the token sequence it produced (no re-tokenization drift).
+The rule (`StepsConfig`), in order:
+  1. cut after every delimiter (the paper's code: "\\n", "\\n\\n", ".\\n", ".\\n\\n"; a run of
+     delimiters is one cut; a delimiter at the very end opens no empty step);
+  2. a step shorter than `min_tokens` tokens is merged into the next one, and a too-short last step
+     into the one before it (the paper: 30 tokens);
+  3. more than `max_steps` steps left (the paper: 30): with overflow=balance, neighbouring steps are
+     merged into exactly `max_steps` spans of similar token length (the k-th span ends at the step
+     boundary nearest to k/max_steps of the completion), so the critical step can land anywhere in a
+     long chain; with overflow=tail (the old rule, kept for tiny/arith) steps max_steps.. join the last.
+Boundaries are token offsets into the sampled ids, so every prefix handed to the policy later is
+exactly the token sequence it produced (no re-tokenization drift). Merging only removes boundaries,
+so every span still ends where a delimiter did.
 """
 from __future__ import annotations
 
-from typing import Sequence
-
-from transformers import PreTrainedTokenizerBase
+import bisect
+from typing import TYPE_CHECKING, Sequence
 
 from gpo_exp.benchmarks.base import StepsConfig
+
+if TYPE_CHECKING:  # type only: config validation imports this module before transformers
+    from transformers import PreTrainedTokenizerBase
 
 
 def token_char_ends(ids: Sequence[int], tokenizer: PreTrainedTokenizerBase) -> tuple[str, list[int]]:
@@ -63,10 +73,10 @@ def split_steps(ids: Sequence[int], tokenizer: PreTrainedTokenizerBase, cfg: Ste
         if j + 1 < n and (not bounds or j + 1 > bounds[-1]):
             bounds.append(j + 1)
     bounds.append(n)
-    return _merge(bounds, cfg.min_tokens, cfg.max_steps)
+    return _merge(bounds, cfg.min_tokens, cfg.max_steps, cfg.overflow)
 
 
-def _merge(bounds: list[int], min_tokens: int, max_steps: int) -> list[int]:
+def _merge(bounds: list[int], min_tokens: int, max_steps: int, overflow: str = "tail") -> list[int]:
     merged: list[int] = []
     start = 0
     for b in bounds:
@@ -75,7 +85,29 @@ def _merge(bounds: list[int], min_tokens: int, max_steps: int) -> list[int]:
             start = b
     if len(merged) > 1 and merged[-1] - merged[-2] < min_tokens:
         merged.pop(-2)  # a too-short last step joins the one before it
-    return merged[: max_steps - 1] + [merged[-1]] if len(merged) > max_steps else merged
+    if len(merged) <= max_steps:
+        return merged
+    if overflow == "balance":
+        return balance_spans(merged, max_steps)
+    return merged[: max_steps - 1] + [merged[-1]]
+
+
+def balance_spans(bounds: Sequence[int], n_spans: int) -> list[int]:
+    """Keep `n_spans` of the step ends `bounds` (the last always): span k ends at the boundary nearest
+    to k * total / n_spans, among those that leave one boundary for each span still to come."""
+    m, total = len(bounds), bounds[-1]
+    if m <= n_spans:
+        return list(bounds)
+    out, prev = [], -1  # prev: index in bounds of the last kept cut
+    for k in range(1, n_spans):
+        lo, hi = prev + 1, (m - 1) - (n_spans - k)  # indices allowed for the k-th cut
+        target = k * total / n_spans
+        j = min(max(bisect.bisect_left(bounds, target, lo, hi + 1), lo), hi)
+        if j > lo and target - bounds[j - 1] <= bounds[j] - target:
+            j -= 1  # the boundary before the target is at least as near
+        out.append(bounds[j])
+        prev = j
+    return out + [total]
 
 
 def step_texts(ids: Sequence[int], step_ends: Sequence[int], tokenizer: PreTrainedTokenizerBase) -> list[str]:

@@ -36,6 +36,7 @@ class Trajectory:
     first_error: int | None = None  # ground-truth first wrong step, where the benchmark knows it
     uid: int = 0  # index of the trajectory within its round
     token_logprobs: list[float] | None = None  # the policy's log p of each completion token when sampled (None: engine gave none)
+    finished: bool = True  # False when the length limit cut the trajectory off (it then scores 0)
 
     @property
     def n_steps(self) -> int:

@@ -80,11 +80,12 @@ class GPORoundCallback(pl.Callback):
     def __init__(self, sampler: PolicySampler, estimator: Estimator | None, objective: Objective,
                  datamodule: RolloutDataModule, gpo: GPOConfig, train_rows: Sequence[dict[str, Any]],
                  eval_rows: Sequence[dict[str, Any]], eval_samples: int, run_dir: Path, seed: int,
-                 reference: Any = None, keep_checkpoints: int = 0) -> None:
+                 reference: Any = None, keep_checkpoints: int = 0, eval_greedy: bool = True) -> None:
         self.sampler, self.estimator, self.objective, self.dm = sampler, estimator, objective, datamodule
         self.gpo, self.train_rows, self.eval_rows = gpo, list(train_rows), list(eval_rows)
         self.eval_samples, self.seed, self.reference = eval_samples, seed, reference
         self.run_dir, self.keep_checkpoints = Path(run_dir), keep_checkpoints
+        self.eval_greedy = eval_greedy  # False: the sampled protocol (no greedy decoding)
         self.data_dir = self.run_dir / "rounds"
         self.history = RoundHistory()
         self._train_t0 = 0.0
@@ -307,7 +308,7 @@ class GPORoundCallback(pl.Callback):
         scalars = {k: float(v) for k, v in record.items() if isinstance(v, (int, float)) and k != "round"}
         for lg in trainer.loggers:
             lg.log_metrics({**scalars, "round": r}, step=trainer.global_step)
-        log.info("round %d eval: greedy %.3f%s (%.1fs)", r, res["accuracy"],
+        log.info("round %d eval: greedy %s%s (%.1fs)", r, f"{res['accuracy']:.3f}" if "accuracy" in res else "-",
                  f", sampled {res['sampled_accuracy']:.3f}" if "sampled_accuracy" in res else "", dt)
 
     def _evaluate_shards(self, trainer: pl.Trainer) -> dict[str, float]:
@@ -315,7 +316,7 @@ class GPORoundCallback(pl.Callback):
         (every metric is a mean over rows, or over rows x samples)."""
         start, end = distributed.shard(len(self.eval_rows), trainer.global_rank, trainer.world_size)
         rows = self.eval_rows[start:end]
-        part = (evaluate(self.sampler, rows, self.eval_samples) if rows else {}, len(rows))
+        part = (evaluate(self.sampler, rows, self.eval_samples, greedy=self.eval_greedy) if rows else {}, len(rows))
         if trainer.world_size == 1:
             return part[0]
         parts = [p for p in distributed.gather(part) if p[1]]
@@ -351,7 +352,7 @@ class GPORoundCallback(pl.Callback):
             return {"rounds": 0, **h.totals}
         first, last = h.rounds[0], h.rounds[-1]
         out: dict[str, Any] = {
-            "eval/accuracy_before": first["eval/accuracy"], "eval/accuracy_after": last["eval/accuracy"],
+            "eval/accuracy_before": first.get("eval/accuracy"), "eval/accuracy_after": last.get("eval/accuracy"),
             "rounds": len(h.rounds) - 1, **h.totals,
         }
         for k in first:
