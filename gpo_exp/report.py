@@ -40,6 +40,7 @@ from typing import Any, Iterable, Sequence
 import yaml
 
 from gpo_exp.registry import check
+from gpo_exp.rundir import flatten
 
 DEFAULT_METRIC = "eval/accuracy_after"
 AVG = "Avg"
@@ -342,16 +343,6 @@ NEUTRAL_KEYS = ("seed", "name", "resume", "logger", "trainer.progress_bar", "tra
                 "hydra")
 
 
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix: d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        out.update(_flat(v, key) if isinstance(v, dict) and v else {key: v})
-    return out
-
-
 def _neutral(key: str, gpo: bool) -> bool:
     if not gpo and key.startswith("estimator."):  # the baseline runs no estimator
         return True
@@ -360,7 +351,7 @@ def _neutral(key: str, gpo: bool) -> bool:
 
 def varying_keys(runs: Sequence[Run], gpo: bool) -> list[str]:
     """Config keys (dotted) whose values differ between `runs`, other than the seed and neutral settings."""
-    flats = [_flat(run.config) for run in runs]
+    flats = [flatten(run.config) for run in runs]
     keys = sorted({k for f in flats for k in f})
     return [k for k in keys if not _neutral(k, gpo) and len({_show(f.get(k)) for f in flats}) > 1]
 
@@ -380,7 +371,7 @@ def group_arms(runs: Iterable[Run]) -> list[Arm]:
         extra = [k for k in varying_keys(members, gpo) if k not in ("estimator.name", "estimator.k")]
         variants: dict[tuple[str, str, tuple[tuple[str, str], ...]], list[Run]] = defaultdict(list)
         for run in members:  # the estimator only matters, and only splits rows, for GPO arms
-            flat = _flat(run.config)
+            flat = flatten(run.config)
             fields = tuple((k, _show(flat.get(k))) for k in extra)
             key = ((str(run.cfg("estimator.name", "?")), str(run.cfg("estimator.k", "?"))) if gpo else ("", "")) + (fields,)
             variants[key].append(run)

@@ -101,14 +101,20 @@ def test_sigkill_and_resume_with_grpo(tmp_path):
     _kill_resume_and_compare(tmp_path, ["optimizer=grpo"])
 
 
+def _start_and_wait(run_dir: Path, marker: Path) -> subprocess.Popen:
+    """A SMALL run in `run_dir`, returned once `marker` exists (the point where the test signals it)."""
+    proc = subprocess.Popen(_cmd(*SMALL, f"hydra.run.dir={run_dir}"), cwd=ROOT, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not marker.exists():
+        assert proc.poll() is None
+        time.sleep(0.02)
+    return proc
+
+
 @pytest.mark.slow
 def test_sigterm_stops_after_the_round_checkpoint_and_resumes(tmp_path):
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(_cmd(*SMALL, f"hydra.run.dir={run_dir}"), cwd=ROOT, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    while not (run_dir / "rounds" / "round002_trajectories.jsonl").exists():
-        assert proc.poll() is None
-        time.sleep(0.02)
+    proc = _start_and_wait(run_dir, run_dir / "rounds" / "round002_trajectories.jsonl")
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-2000:]
@@ -203,11 +209,7 @@ def test_a_multirun_of_bad_and_colliding_arms(tmp_path):
 @pytest.mark.slow
 def test_ctrl_c_prints_where_the_partial_run_is(tmp_path):
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(_cmd(*SMALL, f"hydra.run.dir={run_dir}"), cwd=ROOT, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    while not (run_dir / "resume" / "round001.ckpt").exists():
-        assert proc.poll() is None
-        time.sleep(0.02)
+    proc = _start_and_wait(run_dir, run_dir / "resume" / "round001.ckpt")
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 130 and "Traceback" not in out + err
