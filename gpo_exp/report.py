@@ -33,7 +33,6 @@ import re
 import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -56,32 +55,13 @@ class ReportError(RuntimeError):
 # --- statistics ---------------------------------------------------------------------------------
 
 
-@lru_cache(maxsize=256)
 def t_quantile(p: float, df: float) -> float:
-    """Quantile of Student's t with `df` (real, > 0) degrees of freedom, for 0.5 <= p < 1.
+    """Quantile of Student's t with `df` (real, > 0: Welch's df is not an integer) degrees of freedom."""
+    from scipy.stats import t  # scipy only when statistics are computed
 
-    No scipy: bisection on the CDF, whose body is Simpson's rule on the density over [0, t]
-    (error < 1e-7 for the t values a 95% CI needs). Welch's df is not an integer, hence no table.
-    """
     check(0.5 <= p < 1, "p", p, "in [0.5, 1)")
     check(df > 0, "df", df, "> 0")
-    log_norm = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
-
-    def density(x: float) -> float:
-        return math.exp(log_norm - (df + 1) / 2 * math.log1p(x * x / df))
-
-    def cdf(t: float, n: int = 1000) -> float:
-        h = t / n
-        inner = sum((4 if i % 2 else 2) * density(i * h) for i in range(1, n))
-        return 0.5 + h / 3 * (density(0.0) + inner + density(t))
-
-    lo, hi = 0.0, 1.0
-    while cdf(hi) < p:
-        lo, hi = hi, hi * 2
-    for _ in range(50):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
-    return (lo + hi) / 2
+    return float(t.ppf(p, df))
 
 
 @dataclass
@@ -415,6 +395,7 @@ class Report:
     arms: list[Arm] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # caveats shown under the table
     failed: list[str] = field(default_factory=list)  # jobs whose summary.json says failed/diverged, with the error
+    comparison: str = ""  # equal rounds / equal tokens table (gpo_exp.report_compare), printed under the table
 
     def row(self, arm: str, benchmark: str, metric: str = DEFAULT_METRIC) -> Row:
         """The row for (arm, benchmark, metric); KeyError naming what exists otherwise."""
@@ -592,9 +573,15 @@ def report_from_runs(runs: list[Run], missing: list[str], out_dir: str | Path, m
     from gpo_exp.report_plots import plot_all  # matplotlib only when writing files
 
     pngs = plot_all(arms, out, metric)
+    from gpo_exp.report_compare import compare  # equal rounds / equal tokens / AUC, paired deltas
+
+    cmp = compare(arms, out)
+    rows, pngs = rows + cmp.rows, pngs + cmp.pngs
     _write_csv(out / "report.csv", rows)
-    _write_markdown(out / "report.md", source, metric, table, notes, missing, pngs, failed)
-    return Report(table, rows, missing, [out / "report.md", out / "report.csv", *pngs], arms, notes, list(failed))
+    _write_markdown(out / "report.md", source, metric, table + ("\n\n" + cmp.markdown if cmp.markdown else ""),
+                    notes, missing, pngs, failed)
+    return Report(table, rows, missing, [out / "report.md", out / "report.csv", *pngs], arms, notes, list(failed),
+                  cmp.markdown)
 
 
 def build_report(path: str | Path, out_dir: str | Path | None = None, metric: str | None = None) -> Report:
@@ -625,6 +612,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(e, file=sys.stderr)
         return 1
     print(report.table_markdown)
+    if report.comparison:
+        print("\n" + report.comparison)
     for note in report.notes:
         print(f"note: {note}")
     if report.failed:

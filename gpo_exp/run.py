@@ -260,6 +260,13 @@ def print_table(summary: dict[str, Any], run_dir: Path) -> None:
     if "eval/sampled_accuracy_before" in summary:
         rows.append(("sampled accuracy", f"{summary['eval/sampled_accuracy_before']:.3f} -> "
                                          f"{summary['eval/sampled_accuracy_after']:.3f}"))
+    if "eval/diag/p_mistake_before" in summary:  # the noisy-teacher testbed: what happened at the planted trap
+        rows += [("P(trap token | gold prefix)", f"{summary['eval/diag/p_mistake_before']:.3f} -> "
+                                                 f"{summary['eval/diag/p_mistake_after']:.3f}"),
+                 ("greedy failures at the trap", f"{summary['eval/diag/fail_trap_before']:.2f} -> "
+                                                 f"{summary['eval/diag/fail_trap_after']:.2f}"),
+                 ("collateral errors (share of rows)", f"{summary['eval/diag/collateral_rate_before']:.3f} -> "
+                                                       f"{summary['eval/diag/collateral_rate_after']:.3f}")]
     rows += [("rounds", summary["rounds"]), ("training examples", int(summary["gpo/examples"])),
              ("generated tokens", int(summary["rollout/generated_tokens"]))]
     if summary.get("gpo/critical_step_hist") is not None:
@@ -267,6 +274,9 @@ def print_table(summary: dict[str, Any], run_dir: Path) -> None:
         agree = summary.get("gpo/critical_agrees_first_error")
         rows.append(("critical == first wrong step", "n/a" if agree is None else
                      f"{agree:.2f} of {summary['gpo/agreement_n']} failed trajectories"))
+        if summary.get("gpo/critical_is_pivot") is not None:
+            rows.append(("critical == planted pivot", f"{summary['gpo/critical_is_pivot']:.2f} of "
+                                                      f"{summary['gpo/pivot_n']} failures at the trap"))
         if summary.get("gpo/critical_agrees_reference") is not None:
             rows.append(("critical == mc reference", f"{summary['gpo/critical_agrees_reference']:.2f} of "
                                                      f"{summary['gpo/reference_n']} explored trajectories"))

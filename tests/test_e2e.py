@@ -12,7 +12,9 @@ from gpo_exp.run import apply_fast_dev_run, train
 
 
 def _run(compose, tmp_path, overrides):
-    dcfg = compose(["trainer.fast_dev_run=true", "logger.wandb=false", "trainer.progress_bar=false", *overrides])
+    # the clean setting: these checks were calibrated on it (test_testbed_run covers the default testbed)
+    dcfg = compose(["experiment=arith_clean", "trainer.fast_dev_run=true", "logger.wandb=false",
+                    "trainer.progress_bar=false", *overrides])
     cfg = validate(dcfg)
     apply_fast_dev_run(cfg)
     summary = train(cfg, tmp_path, OmegaConf.to_container(dcfg, resolve=True))
@@ -126,3 +128,22 @@ def test_micro_batches_give_the_same_training_run(compose, tmp_path):
     whole, micro = losses("whole", []), losses("micro", ["optimizer.micro_batch_size=2"])
     assert len(whole) >= 1 and len(whole) == len(micro)
     assert micro == pytest.approx(whole, abs=1e-5)
+
+
+def test_testbed_run_logs_the_trap_diagnostics(compose, tmp_path):
+    """The default (noisy-teacher testbed) with its shipped warm start: diagnostics per round and in the summary."""
+    dcfg = compose(["trainer.fast_dev_run=true", "logger.wandb=false", "trainer.progress_bar=false"])
+    cfg = validate(dcfg)
+    apply_fast_dev_run(cfg)
+    assert cfg.benchmark.trap == "sign" and cfg.trainer.eval_rows == 16
+    summary = train(cfg, tmp_path, OmegaConf.to_container(dcfg, resolve=True))
+    assert summary["warm_start/source"] in ("shipped", "cache")
+    assert summary["eval/diag/rows_before"] == 16 and len(summary["eval/diag/greedy_correct_after"]) == 16
+    # the diagnostics' own greedy pass agrees with the evaluation's
+    assert summary["eval/diag/greedy_accuracy_before"] == summary["eval/accuracy_before"]
+    assert 0.3 < summary["eval/diag/p_mistake_before"] < 0.8  # the teacher's trap_p is 0.5
+    shares = [summary[f"eval/diag/fail_{c}_before"] for c in ("trap", "collateral", "other")]
+    assert sum(shares) == pytest.approx(1.0) and shares[0] > 0.5  # most greedy failures are the planted trap
+    assert 0 <= summary["gpo/critical_is_pivot"] <= 1 and summary["gpo/pivot_n"] > 0
+    rounds = [json.loads(line) for line in (tmp_path / "rounds.jsonl").read_text().splitlines()]
+    assert "eval/diag/p_mistake" in rounds[0] and rounds[1]["gpo/pivot_n"] == summary["gpo/pivot_n"]

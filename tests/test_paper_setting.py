@@ -21,7 +21,7 @@ def test_sampled_protocol_names_its_headline_and_truncations_are_logged(compose,
     """No greedy decoding; headline = sampled pass@1; a 12-token limit cuts arith answers off and is counted."""
     from gpo_exp.report import build_report
 
-    _, summary = _run(compose, tmp_path / "run", ["trainer.eval_protocol=sampled", "engine.max_new_tokens=12",
+    _, summary = _run(compose, tmp_path / "run", ["trainer.eval_protocol=sampled", "trainer.eval_samples=2", "engine.max_new_tokens=12",
                                                   "trainer.eval_rows=4", "gpo.prompts_per_round=4"])
     assert summary["headline_metric"] == "eval/sampled_accuracy_after"
     assert summary["eval/accuracy_after"] is None and 0.0 <= summary["eval/sampled_accuracy_after"] <= 1.0

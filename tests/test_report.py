@@ -146,7 +146,8 @@ def test_missing_run_listed(report) -> None:
 
 def test_plots_written(report) -> None:
     names = {p.name for p in report.files}
-    assert names == {"report.md", "report.csv", "accuracy_vs_round.png", "critical_steps.png", "rollout_cost.png"}
+    assert names == {"report.md", "report.csv", "accuracy_vs_round.png", "critical_steps.png", "rollout_cost.png",
+                     "accuracy_vs_tokens.png"}
     for p in report.files:
         if p.suffix == ".png":
             assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 10_000

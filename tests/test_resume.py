@@ -78,12 +78,18 @@ def _kill_resume_and_compare(tmp_path: Path, extra: list[str]) -> None:
             assert (full / name).read_text() == (killed / name).read_text(), name
     sa, sb = (json.loads((d / "summary.json").read_text()) for d in (full, killed))
     assert sb["resumed_from_round"] == 2 and sb["status"] == "ok"
-    same = lambda s: {k: v for k, v in s.items() if not k.startswith("time/") and k != "resumed_from_round"}  # noqa: E731
+    # teacher-forced probabilities read the weights directly, so they carry the weights' ~1e-6 rounding
+    forced = ("eval/diag/p_mistake_before", "eval/diag/p_mistake_after")
+    same = lambda s: {k: v for k, v in s.items()  # noqa: E731
+                      if not k.startswith("time/") and k != "resumed_from_round" and k not in forced}
     assert same(sa) == same(sb)
+    for k in forced:
+        assert (k in sa) == (k in sb) and sb.get(k) == pytest.approx(sa.get(k), abs=1e-5), k
     wa, wb = _weights(full), _weights(killed)
     # Resuming twice from one checkpoint is bit-identical; against the uninterrupted process the float
-    # rounding of a step differs by ~1 ulp (1.2e-7 after one round, ~1.2e-6 after three on this CPU).
-    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-5
+    # rounding of a step differs by ~1 ulp, which training amplifies: ~1.2e-6 after three rounds at lr 1e-5
+    # (experiment=arith_clean), 1.1e-5 at the testbed's lr 5e-5 on this CPU; the bound is 3x the latter.
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 3e-5
     assert not (killed / "resume").exists()  # finished with its final weights: the resume checkpoints are spent
 
 

@@ -32,7 +32,8 @@ from tests.conftest import CONF_DIR
 ROOT = CONF_DIR.parent
 SWEEPS = ROOT / "sweeps"
 OPTS = ("dpo", "kto", "simpo", "orpo", "ppo", "grpo")
-JOBS = {"main": 36, "reset": 15, "k": 15, "budget": 6, "smoke": 12, "probe_temperature": 9, "paper": 10}  # grid sweeps -> number of runs
+JOBS = {"main": 36, "reset": 15, "k": 15, "budget": 6, "smoke": 12, "probe_temperature": 9, "paper": 10,
+        "testbed": 20}  # grid sweeps -> number of runs
 OPTUNA = "optuna"  # the one non-grid sweep (needs hydra-optuna-sweeper)
 # Until the lead ships the warm-start checkpoint, a tiny warm start (20 steps of 16) keeps the slow test
 # in minutes; accuracy is then ~0, which the test does not check.
@@ -186,8 +187,21 @@ def test_launcher_files_are_the_tested_ones():
     assert sorted(p.stem for p in (CONF_DIR / "launcher").glob("*.yaml")) == ["joblib", "local", "slurm"]
 
 
-def test_gpo_dpo_arith_is_the_default_made_explicit(hcompose):
-    assert asdict(validate(hcompose(["experiment=gpo_dpo_arith"]))) == asdict(validate(hcompose([])))
+def test_gpo_dpo_arith_is_the_clean_setting_made_explicit(hcompose):
+    assert asdict(validate(hcompose(["experiment=gpo_dpo_arith"]))) == asdict(validate(hcompose(["experiment=arith_clean"])))
+
+
+def test_the_default_is_the_testbed_and_arith_clean_the_old_default(hcompose):
+    from gpo_exp.models.config import ModelConfig
+    from gpo_exp.training.warmstart import warm_start_key
+
+    default, clean = validate(hcompose([])), validate(hcompose(["experiment=arith_clean"]))
+    assert (default.benchmark.trap, default.benchmark.trap_p, default.benchmark.traps_per_chain) == ("sign", 0.5, 1)
+    assert default.benchmark.sizes["test"] == 1000 and default.trainer.eval_rows is None
+    assert (clean.benchmark.trap, clean.benchmark.sizes["test"], clean.trainer.eval_rows, clean.trainer.rounds,
+            clean.optimizer.lr) == ("none", 300, 300, 5, 1e-5)
+    key = lambda c: warm_start_key(c.model, c.benchmark, c.warm_start.resolved(pretrained=False))  # noqa: E731
+    assert (key(default), key(clean)) == ("2d04acaadccffdee", "78e33c903bd90f55")  # both shipped
 
 
 @pytest.mark.parametrize("overrides,expected", [

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 
@@ -18,10 +19,12 @@ from gpo_exp.bench import parse_key_value
 from gpo_exp.benchmarks import get
 from gpo_exp.models.config import ModelConfig
 from gpo_exp.rollout.engine import EngineConfig, HFRolloutEngine
+from gpo_exp.rollout.diagnostics import has_pivots, pivot_agreement, trajectory_classes
 from gpo_exp.rollout.estimators import ESTIMATORS, agreement
 from gpo_exp.rollout.sampler import PolicySampler
 from gpo_exp.training.warmstart import WarmStartConfig, warm_start
 
+TESTBED = Path(__file__).resolve().parents[2] / "conf" / "benchmark" / "arith_testbed.yaml"
 # reuse_siblings=False is the paper's mc; True adds free samples from the prompt's other trajectories.
 ARMS = [("mc", {"k": 4, "reuse_siblings": False}), ("mc", {"k": 8, "reuse_siblings": False}),
         ("mc", {"k": 16, "reuse_siblings": False}), ("mc", {"k": 4}), ("bisect", {"k": 4}),
@@ -43,11 +46,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--show-misses", type=int, default=0, metavar="N",
                     help="print N late misses per arm: steps, values, and a continuation that succeeded after the first error")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for the tiny model)")
+    ap.add_argument("--testbed", action="store_true",
+                    help="the noisy-teacher testbed (conf/benchmark/arith_testbed.yaml); adds agree_pivot")
+    ap.add_argument("--bench", nargs="*", default=[], metavar="KEY=VALUE", help="arith settings, e.g. trap_p=0.5")
     args = ap.parse_args(argv)
     arms = parse_arms(args.arms) if args.arms else ARMS
     torch.set_num_threads(args.threads)
 
-    bench = get("arith")
+    bench_over = dict(parse_key_value(kv, "--bench") for kv in args.bench)
+    if args.testbed:
+        import yaml
+
+        bench_over = {**{k: v for k, v in yaml.safe_load(TESTBED.read_text()).items() if k != "name"}, **bench_over}
+    bench = get("arith", **bench_over)
     model, tok, _ = warm_start(ModelConfig(n_embd=args.n_embd, n_head=args.n_head), bench, WarmStartConfig())
     engine = HFRolloutEngine(model, tok.eos_token_id, tok.pad_token_id, EngineConfig(),
                              default_max_new_tokens=bench.cfg.max_new_tokens)
@@ -76,9 +87,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
             _show_late(name, locs, failed, tok, args.show_misses)
         agree = agreement(locs, failed)["agreement"]
         crit = [loc.critical for loc in locs]
+        pivot = {}
+        if has_pivots(bench.load("test")[:1], bench):  # failed trajectories whose first error is the planted trap
+            hits, n = pivot_agreement(failed, locs, trajectory_classes(failed, bench, tok))
+            pivot = {"agree_pivot": hits / n if n else float("nan"), "n_trap": n}
         results.append({
             "estimator": name + "".join(f" {k}={v}" for k, v in over.items()),
-            "agree_first_error": agree,
+            "agree_first_error": agree, **pivot,
             "agree_mc16": (sum(a == b for a, b in zip(crit, reference)) / len(crit) if args.reference_k > 0
                            else float("nan")),
             "undetermined": sum(loc.status == "undetermined" for loc in locs) / len(locs),

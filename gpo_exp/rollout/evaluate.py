@@ -41,9 +41,10 @@ def majority(answers: Sequence[str | None], same: Callable[[str, str], bool]) ->
 
 
 def evaluate(sampler: PolicySampler, rows: Sequence[dict[str, Any]], samples: int = 4,
-             seed: int = EVAL_SEED, greedy: bool = True) -> dict[str, float]:
+             seed: int = EVAL_SEED, greedy: bool = True, greedy_out: list | None = None) -> dict[str, float]:
     """Greedy pass@1 (`accuracy`, when greedy) and with samples > 0 mean sampled accuracy (pass@1 averaged
-    over the samples), pass@k and maj@k (k = samples); `truncated`: share of generations cut off."""
+    over the samples), pass@k and maj@k (k = samples); `truncated`: share of generations cut off.
+    `greedy_out` (a list) receives the greedy generations, one per row, for diagnostics that reuse them."""
     if not greedy and samples < 1:
         raise ValueError("evaluate: the sampled protocol needs samples >= 1")
     engine, old_seed, bench = sampler.engine, sampler.seed, sampler.benchmark
@@ -54,6 +55,8 @@ def evaluate(sampler: PolicySampler, rows: Sequence[dict[str, Any]], samples: in
         cut = total = 0
         if greedy:
             gens = engine.generate(prompts, [0] * len(prompts), seed=seed, greedy=True)
+            if greedy_out is not None:
+                greedy_out.extend(gens)
             out["accuracy"] = sum(sampler.reward(g.ids, r, g.finished) for g, r in zip(gens, rows)) / len(rows)
             cut, total = sum(not g.finished for g in gens), len(gens)
         if samples > 0:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from gpo_exp.benchmarks.base import StepsConfig
 from gpo_exp.registry import check
+from gpo_exp.rollout.diagnostics import round_counts, round_diagnostics
 from gpo_exp.rollout.estimators import ESTIMATORS, Estimator, agreement, critical_step_hist, status_counts
 from gpo_exp.rollout.types import Continuation, Group, Job, Localization, Trajectory
 
@@ -40,6 +41,7 @@ class GPOConfig:
     examples_per_round: int = 64  # cap on training examples (pairs, or rollout groups) per round, both arms
     max_generated_tokens: int | None = None  # stop training once cumulative generated tokens reach this
     steps: StepsConfig | None = None  # step segmentation; null: the benchmark's default
+    diagnostics_rows: int = 1000  # testbed only: test rows (a seeded subset) for the trap diagnostics each eval (teacher-forced P(mistake), greedy error classes); 0: off
     reference_k: int = 0  # diagnostics: also locate with mc at this K on independent samples and log gpo/critical_agrees_reference (0: off; its tokens are logged apart, never counted as training rollouts)
 
     def __post_init__(self) -> None:
@@ -47,6 +49,7 @@ class GPOConfig:
             check(getattr(self, key) >= 1, f"gpo.{key}", getattr(self, key), ">= 1")
         check(self.max_generated_tokens is None or self.max_generated_tokens > 0, "gpo.max_generated_tokens",
               self.max_generated_tokens, "> 0 or null")
+        check(self.diagnostics_rows >= 0, "gpo.diagnostics_rows", self.diagnostics_rows, ">= 0 (0: off)")
         check(self.reference_k >= 0, "gpo.reference_k", self.reference_k, ">= 0 (0: off)")
 
 
@@ -123,6 +126,7 @@ def collect_round(rows: Sequence[dict[str, Any]], sampler: PolicySampler, estima
                               cfg.reuse_estimation and estimator.cfg.temperature is None)  # type: ignore[union-attr]
         counts["reset_tokens"] = engine.stats.generated_tokens - tok1
     counts["time"] = time.perf_counter() - t0
+    counts.update(round_counts(trajs, locs, sampler.benchmark, sampler.tokenizer))
     counts["tokens"] = engine.stats.generated_tokens - tok0
     if gpo and cfg.reference_k:
         counts.update(reference_agreement(trajs, locs, sampler, cfg.reference_k, estimator.cfg.explore, seed))  # type: ignore[arg-type,union-attr]
@@ -182,6 +186,7 @@ def round_stats(data: RoundData, cfg: GPOConfig) -> dict[str, Any]:
                                             for c in cs if c.drawn),
             "gpo/candidates_truncated": sum(not c.finished for g in data.groups for c in g.continuations),  # of the reset groups' candidates
         })
+    stats.update(round_diagnostics(c))
     stats["time/rollout_s"] = c["time"]
     stats["rollout/round_generated_tokens"] = c["tokens"]
     if "gpo/reference_n" in c:

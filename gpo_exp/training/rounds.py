@@ -26,6 +26,7 @@ from typing import Any, Sequence
 import pytorch_lightning as pl
 import torch
 
+from gpo_exp.rollout.diagnostics import eval_diagnostics, summary_diagnostics
 from gpo_exp.rollout.estimators import Estimator
 from gpo_exp.rollout.evaluate import evaluate
 from gpo_exp.rollout.gpo_round import GPOConfig, RoundData, collect_round, merge_rounds
@@ -292,7 +293,11 @@ class GPORoundCallback(pl.Callback):
 
     def _evaluate(self, trainer: pl.Trainer, r: int) -> None:
         t0 = time.perf_counter()
-        res = self._evaluate_shards(trainer)
+        greedy: list = []
+        res = self._evaluate_shards(trainer, greedy)
+        res.update({k.removeprefix("eval/"): v for k, v in eval_diagnostics(  # testbed rows only (planted pivots)
+            self.sampler, trainer.lightning_module.policy, self.eval_rows, self.gpo.diagnostics_rows,
+            greedy=greedy if trainer.world_size == 1 else None).items()})
         dt = time.perf_counter() - t0
         self.history.totals["time/eval_s"] += dt
         record = {"round": r, **{f"eval/{k}": v for k, v in res.items()},
@@ -311,12 +316,14 @@ class GPORoundCallback(pl.Callback):
         log.info("round %d eval: greedy %s%s (%.1fs)", r, f"{res['accuracy']:.3f}" if "accuracy" in res else "-",
                  f", sampled {res['sampled_accuracy']:.3f}" if "sampled_accuracy" in res else "", dt)
 
-    def _evaluate_shards(self, trainer: pl.Trainer) -> dict[str, float]:
+    def _evaluate_shards(self, trainer: pl.Trainer, greedy_out: list | None = None) -> dict[str, float]:
         """evaluate() on this rank's share of the eval rows; the shares' means are combined by row count
-        (every metric is a mean over rows, or over rows x samples)."""
+        (every metric is a mean over rows, or over rows x samples). `greedy_out` receives this rank's
+        greedy generations."""
         start, end = distributed.shard(len(self.eval_rows), trainer.global_rank, trainer.world_size)
         rows = self.eval_rows[start:end]
-        part = (evaluate(self.sampler, rows, self.eval_samples, greedy=self.eval_greedy) if rows else {}, len(rows))
+        part = (evaluate(self.sampler, rows, self.eval_samples, greedy=self.eval_greedy, greedy_out=greedy_out)
+                if rows else {}, len(rows))
         if trainer.world_size == 1:
             return part[0]
         parts = [p for p in distributed.gather(part) if p[1]]
@@ -353,7 +360,7 @@ class GPORoundCallback(pl.Callback):
         first, last = h.rounds[0], h.rounds[-1]
         out: dict[str, Any] = {
             "eval/accuracy_before": first.get("eval/accuracy"), "eval/accuracy_after": last.get("eval/accuracy"),
-            "rounds": len(h.rounds) - 1, **h.totals,
+            "rounds": len(h.rounds) - 1, **h.totals, **summary_diagnostics(h.rounds),
         }
         for k in first:
             if k.startswith("eval/") and k != "eval/accuracy":

@@ -77,7 +77,8 @@ def warm_start_key(model_cfg: Any, benchmark_cfg: Any, cfg: WarmStartConfig) -> 
     """Cache key of a warm start: only settings that change the trained weights enter it."""
     from gpo_exp.models.config import WEIGHT_FIELDS
 
-    bench = {k: v for k, v in asdict(benchmark_cfg).items() if k not in ("steps", "max_new_tokens", "max_rows")}
+    bench = (benchmark_cfg.weight_key() if hasattr(benchmark_cfg, "weight_key")  # a benchmark may drop its "off" fields
+             else {k: v for k, v in asdict(benchmark_cfg).items() if k not in ("steps", "max_new_tokens", "max_rows")})
     model = {k: getattr(model_cfg, k) for k in WEIGHT_FIELDS}
     return cache_key(model, bench, {k: getattr(cfg, k) for k in KEY_FIELDS})
 
@@ -207,22 +208,30 @@ def warm_start(model_cfg: Any, benchmark: Any, cfg: WarmStartConfig,
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m gpo_exp.training.warmstart [--ship]`: (re)train the default warm start and report it.
+    """`python -m gpo_exp.training.warmstart [--ship] [overrides]`: (re)train the warm start of the
+    config that `python -m gpo_exp.run [overrides]` composes (default: the testbed) and report it.
 
     --ship copies the checkpoint into gpo_exp/assets/warmstart/<key>, which is how the shipped
-    checkpoint of the embedded default was made.
+    checkpoints were made (`... --ship` for the default, `... --ship experiment=arith_clean` for the clean one).
     """
     import argparse
 
-    from gpo_exp.benchmarks import get
-    from gpo_exp.models.config import ModelConfig
+    from hydra import compose, initialize_config_dir
 
-    ap = argparse.ArgumentParser(description="Train the default warm start (tiny model on arith).")
+    from gpo_exp.benchmarks import BENCHMARKS
+    from gpo_exp.config import register_configs, validate
+
+    ap = argparse.ArgumentParser(description="Train the warm start of a run config (default: tiny model on the testbed).")
     ap.add_argument("--ship", action="store_true", help="copy the result into gpo_exp/assets/warmstart/")
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides, as for python -m gpo_exp.run")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
-    cfg = WarmStartConfig(force=True)
-    model, tok, info = warm_start(ModelConfig(), get("arith"), cfg,
+    register_configs()
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[2] / "conf"), version_base="1.3"):
+        cfg = validate(compose(config_name="config", overrides=args.overrides))
+    torch.set_num_threads(cfg.trainer.cpu_threads or (1 if cfg.model.source == "tiny" else torch.get_num_threads()))
+    benchmark = BENCHMARKS.build(asdict(cfg.benchmark))
+    model, tok, info = warm_start(cfg.model, benchmark, replace(cfg.warm_start, force=True),
                                   progress=lambda s, l: log.info("step %d loss %.4f", s, l) if s % 100 == 0 else None)
     print(json.dumps(info, indent=2, default=str))
     if args.ship:

@@ -1,0 +1,246 @@
+"""Comparisons at equal rounds and at equal generated tokens, with 95% CIs (part of `gpo_exp.report`).
+
+For every arm, over its seeds (mean ± 95% Student-t half-width):
+
+- eq. rounds: `eval/accuracy` at the last round every run of the report reached (R);
+- eq. tokens: `eval/accuracy` of the policy each run had when its cumulative generated rollout tokens
+  first covered the common budget T (the last evaluation logged at <= T tokens; T = the smallest
+  final token count over all runs, so every run reached it);
+- AUC: token-weighted mean accuracy over [0, T] (the area under the accuracy-vs-tokens step curve / T).
+
+For every GPO-X with an X arm, Δ = GPO-X - X for each of the three: by seed (paired t over the
+seeds both arms ran, Welch otherwise), and paired over test rows: each row's greedy correctness
+averaged over seeds, differenced between the arms, t CI over rows (runs that logged
+`eval/diag/greedy_correct`; same test rows in both arms). Writes accuracy_vs_tokens.png: one colour
+per base optimizer, GPO solid with circles, plain dashed with squares, T marked.
+
+Student t quantiles come from `gpo_exp.report.t_quantile` (scipy.stats.t).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from gpo_exp.report import Arm, Row, Run, Stat, summarize, t_quantile, welch_diff
+
+KEY = "eval/accuracy"
+CORRECT = "eval/diag/greedy_correct"  # per-row greedy correctness as a '0'/'1' string (testbed diagnostics)
+MEASURES = ("eq_rounds", "eq_tokens", "auc_tokens")
+
+
+def _num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def curve(run: Run, key: str = KEY) -> list[tuple[int, float, float]]:
+    """(round, cumulative generated tokens, value) per logged evaluation, by round."""
+    out = [(int(r["round"]), float(r.get("rollout/generated_tokens") or 0.0), float(r[key]))
+           for r in run.rounds if isinstance(r.get("round"), int) and _num(r.get(key))]
+    return sorted(out)
+
+
+def record_at_tokens(run: Run, budget: float) -> dict[str, Any] | None:
+    """The last rounds.jsonl record whose cumulative tokens are <= budget (round 0 has 0 tokens)."""
+    recs = [r for r in run.rounds if isinstance(r.get("round"), int) and _num(r.get("rollout/generated_tokens"))
+            and float(r["rollout/generated_tokens"]) <= budget]
+    return max(recs, key=lambda r: r["round"]) if recs else None
+
+
+def value_at_tokens(points: Sequence[tuple[int, float, float]], budget: float) -> float | None:
+    """Value of the last evaluation at <= budget tokens (the policy available at that spend)."""
+    inside = [v for _, t, v in points if t <= budget]
+    return inside[-1] if inside else None
+
+
+def auc_tokens(points: Sequence[tuple[int, float, float]], budget: float) -> float | None:
+    """Token-weighted mean of the step curve over [0, budget]: evaluation i holds until the next one's tokens."""
+    if not points or budget <= 0 or points[0][1] > 0:
+        return None
+    area = 0.0
+    for i, (_, t, v) in enumerate(points):
+        end = min(points[i + 1][1] if i + 1 < len(points) else math.inf, budget)
+        if end > t:
+            area += v * (end - t)
+    return area / budget
+
+
+def value_at_round(points: Sequence[tuple[int, float, float]], r: int) -> float | None:
+    return next((v for rr, _, v in points if rr == r), None)
+
+
+def paired_diff(a: Sequence[float], b: Sequence[float]) -> Stat:
+    """mean(a - b) with the paired-t 95% half-width (a[i] and b[i] from the same unit)."""
+    d = [x - y for x, y in zip(a, b, strict=True)]
+    st = summarize(d)
+    return Stat(st.mean, st.ci95, st.n, None)
+
+
+def _by_seed(arm: Arm, fn) -> dict[Any, float]:
+    out = {}
+    for run in arm.runs:
+        v = fn(run)
+        if v is not None:
+            out[run.seed] = v
+    return out
+
+
+def seed_delta(a: dict[Any, float], b: dict[Any, float]) -> tuple[Stat, str] | None:
+    """Paired over shared seeds when there are >= 2 of them, Welch otherwise."""
+    shared = sorted(set(a) & set(b), key=str)
+    if len(shared) >= 2:
+        return paired_diff([a[s] for s in shared], [b[s] for s in shared]), "paired by seed"
+    if a and b:
+        return welch_diff(list(a.values()), list(b.values())), "Welch"
+    return None
+
+
+def row_correctness(runs: Sequence[Run], pick) -> list[float] | None:
+    """Per test row, the mean over runs of greedy correctness in the record `pick(run)` chooses."""
+    vecs = []
+    for run in runs:
+        rec = pick(run)
+        s = rec.get(CORRECT) if rec else None
+        if not isinstance(s, str):
+            return None
+        vecs.append([c == "1" for c in s])
+    if not vecs or len({len(v) for v in vecs}) != 1:
+        return None
+    return [sum(col) / len(col) for col in zip(*vecs)]
+
+
+def row_delta(a: Arm, b: Arm, pick) -> Stat | None:
+    """GPO-X minus X paired over the same test rows (row-level t CI)."""
+    ra, rb = row_correctness(a.runs, pick), row_correctness(b.runs, pick)
+    if ra is None or rb is None or len(ra) != len(rb) or len(ra) < 2:
+        return None
+    return paired_diff(ra, rb)
+
+
+@dataclass
+class Comparison:
+    markdown: str
+    rows: list[Row] = field(default_factory=list)
+    pngs: list[Path] = field(default_factory=list)
+    budget: float | None = None
+    rounds: int | None = None
+
+
+def _fmt(st: Stat | None) -> str:
+    if st is None:
+        return "–"
+    return f"{100 * st.mean:+.1f}" + (f" ± {100 * st.ci95:.1f}" if st.ci95 is not None else "")
+
+
+def _fmt_arm(st: Stat | None) -> str:
+    if st is None:
+        return "–"
+    return f"{100 * st.mean:.1f}" + (f" ± {100 * st.ci95:.1f}" if st.ci95 is not None else "")
+
+
+def compare(arms: Sequence[Arm], out_dir: Path | None = None) -> Comparison:
+    """The equal-rounds / equal-tokens table (markdown), its rows (for report.csv) and the tokens plot."""
+    curves = {id(run): curve(run) for arm in arms for run in arm.runs}
+    usable = [run for arm in arms for run in arm.runs if len(curves[id(run)]) >= 2]
+    if not usable:
+        return Comparison("")
+    budget = min(curves[id(r)][-1][1] for r in usable)
+    rounds = min(curves[id(r)][-1][0] for r in usable)
+    if budget <= 0:
+        return Comparison("")
+    measure = {
+        "eq_rounds": lambda run: value_at_round(curves[id(run)], rounds),
+        "eq_tokens": lambda run: value_at_tokens(curves[id(run)], budget),
+        "auc_tokens": lambda run: auc_tokens(curves[id(run)], budget),
+    }
+    pick = {"eq_rounds": lambda run: next((r for r in run.rounds if r.get("round") == rounds), None),
+            "eq_tokens": lambda run: record_at_tokens(run, budget)}
+    rows: list[Row] = []
+    lines = [f"### Equal rounds (R = {rounds}) and equal generated tokens (T = {budget:,.0f})", "",
+             "greedy `eval/accuracy` in %, mean ± 95% CI over seeds; AUC: token-weighted mean accuracy over "
+             "[0, T]. Δ by seed: paired t over shared seeds (Welch otherwise); Δ by row: paired over the same "
+             "test rows (greedy correctness averaged over seeds).", "",
+             "| Method | n | eq. rounds | eq. tokens | AUC (tokens) | Δ eq. rounds (rows) | Δ eq. tokens (rows) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    by_label = {a.label: a for a in arms}
+    for arm in arms:
+        stats = {}
+        for m in MEASURES:
+            vals = list(_by_seed(arm, measure[m]).values())
+            stats[m] = summarize(vals) if vals else None
+            if vals:
+                st = stats[m]
+                rows.append(Row("compare", arm.label, "", f"{m}:{KEY}", st.mean, st.ci95, st.n, st.std))
+        lines.append(f"| {arm.label} | {len(arm.runs)} | " + " | ".join(_fmt_arm(stats[m]) for m in MEASURES)
+                     + " | | |")
+        base = by_label.get(arm.base_label) if arm.gpo else None
+        if base is None:
+            continue
+        label = f"Δ {arm.label} vs {base.label}"
+        cells, row_cells = [], []
+        for m in MEASURES:
+            d = seed_delta(_by_seed(arm, measure[m]), _by_seed(base, measure[m]))
+            cells.append(_fmt(d[0]) if d else "–")
+            if d:
+                rows.append(Row("compare_delta", label, "", f"{m}:{KEY}", d[0].mean, d[0].ci95, d[0].n, None))
+        for m in ("eq_rounds", "eq_tokens"):
+            rd = row_delta(arm, base, pick[m])
+            row_cells.append(_fmt(rd))
+            if rd is not None:
+                rows.append(Row("compare_rows", label, "", f"{m}:{KEY}", rd.mean, rd.ci95, rd.n, None))
+        lines.append(f"| {label} | | " + " | ".join(cells) + " | " + " | ".join(row_cells) + " |")
+    pngs = []
+    if out_dir is not None and plot_accuracy_vs_tokens(arms, curves, budget, Path(out_dir) / "accuracy_vs_tokens.png"):
+        pngs.append(Path(out_dir) / "accuracy_vs_tokens.png")
+    return Comparison("\n".join(lines), rows, pngs, budget, rounds)
+
+
+def arm_token_curve(arm: Arm, curves: dict[int, list[tuple[int, float, float]]], n: int = 60
+                    ) -> tuple[list[float], list[float], list[float]]:
+    """Mean and 95% half-width over seeds of the step curve on a grid up to the arm's smallest final spend."""
+    pts = [curves[id(r)] for r in arm.runs if len(curves[id(r)]) >= 2]
+    if not pts:
+        return [], [], []
+    end = min(p[-1][1] for p in pts)
+    grid = [end * i / (n - 1) for i in range(n)]
+    mean, half = [], []
+    for g in grid:
+        st = summarize([value_at_tokens(p, g) for p in pts])  # type: ignore[misc]
+        mean.append(st.mean)
+        half.append(st.ci95 or 0.0)
+    return grid, mean, half
+
+
+def plot_accuracy_vs_tokens(arms: Sequence[Arm], curves: dict[int, list[tuple[int, float, float]]], budget: float,
+                            path: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bases = sorted({a.base for a in arms}, key=lambda b: [a.base for a in arms].index(b))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    drawn = False
+    for arm in arms:
+        grid, mean, half = arm_token_curve(arm, curves)
+        if not grid:
+            continue
+        color = f"C{bases.index(arm.base) % 10}"
+        style = dict(color=color, linestyle="-" if arm.gpo else "--", marker="o" if arm.gpo else "s", markevery=10)
+        ax.plot(grid, [100 * m for m in mean], label=f"{arm.label} (n={len(arm.runs)})", **style)
+        ax.fill_between(grid, [100 * (m - h) for m, h in zip(mean, half)], [100 * (m + h) for m, h in zip(mean, half)],
+                        color=color, alpha=0.12)
+        drawn = True
+    if not drawn:
+        plt.close(fig)
+        return False
+    ax.axvline(budget, color="grey", linestyle=":", label=f"equal-token budget T = {budget:,.0f}")
+    ax.set(xlabel="cumulative generated rollout tokens", ylabel="greedy accuracy (%), mean over seeds",
+           title="accuracy vs generated tokens (band: 95% CI; solid: GPO)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
