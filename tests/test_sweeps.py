@@ -33,7 +33,7 @@ ROOT = CONF_DIR.parent
 SWEEPS = ROOT / "sweeps"
 OPTS = ("dpo", "kto", "simpo", "orpo", "ppo", "grpo")
 JOBS = {"main": 36, "reset": 15, "k": 15, "budget": 6, "smoke": 12, "probe_temperature": 9, "paper": 10,
-        "testbed": 20}  # grid sweeps -> number of runs
+        "testbed": 20, "testbed_optimizers": 70, "testbed_estimators": 20}  # grid sweeps -> number of runs
 OPTUNA = "optuna"  # the one non-grid sweep (needs hydra-optuna-sweeper)
 # Until the lead ships the warm-start checkpoint, a tiny warm start (20 steps of 16) keeps the slow test
 # in minutes; accuracy is then ~0, which the test does not check.
