@@ -69,6 +69,8 @@ class EvalConfig:
         check(self.protocol != "sampled" or self.samples >= 1, "samples", self.samples, ">= 1 for protocol=sampled")
         check(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"), "device", self.device,
               "auto, cpu, cuda[:i] or mps")
+        check(self.engine.backend == "hf", "engine.backend", self.engine.backend,
+              "hf here (engine.backend=vllm serves gpo_exp.run's rounds only)")
 
 
 def register_eval_config() -> None:

@@ -82,7 +82,7 @@ def train(cfg: Resolved, run_dir: Path, config: dict[str, Any], overrides: list[
     and no summary.json (the directory stays resumable)."""
     from gpo_exp.benchmarks import BENCHMARKS
     from gpo_exp.models.lora import is_lora
-    from gpo_exp.rollout.engine import HFRolloutEngine
+    from gpo_exp.rollout.backends import build_engine, check_backend
     from gpo_exp.rollout.evaluate import headline_metric
     from gpo_exp.rollout.estimators import ESTIMATORS
     from gpo_exp.rollout.sampler import PolicySampler
@@ -103,6 +103,7 @@ def train(cfg: Resolved, run_dir: Path, config: dict[str, Any], overrides: list[
     if rundir.is_finished(run_dir):
         raise ConfigError(f"run directory {run_dir} already holds a finished run; refusing to overwrite it")
     rank0 = distributed.env_rank() == 0
+    check_backend(cfg.engine, lora_r=cfg.model.lora_r, devices=cfg.trainer.devices)  # engine=vllm without vLLM or a GPU: one line, now
     last = ckpt.latest(run_dir)
     if last is None and rank0:
         ckpt.clear_partial(run_dir)  # killed before its first round checkpoint: start that run over
@@ -122,8 +123,8 @@ def train(cfg: Resolved, run_dir: Path, config: dict[str, Any], overrides: list[
                           gradient_clip_val=cfg.trainer.gradient_clip_val)
     module.strict_loading = False  # resume checkpoints leave out the frozen weights (rebuilt above)
 
-    engine = HFRolloutEngine(policy, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, cfg=cfg.engine,
-                             default_max_new_tokens=benchmark.cfg.max_new_tokens, progress=cfg.trainer.progress_bar and rank0)
+    engine = build_engine(cfg.engine, policy, tokenizer, benchmark.cfg.max_new_tokens, run_dir / "vllm", seed=cfg.seed,
+                          progress=cfg.trainer.progress_bar and rank0)
     steps = cfg.gpo.steps or benchmark.cfg.steps
     sampler = PolicySampler(engine, tokenizer, benchmark, steps, chat_template=cfg.model.chat_template, seed=cfg.seed)
     estimator = ESTIMATORS.build(asdict(cfg.estimator)) if cfg.gpo.enabled else None

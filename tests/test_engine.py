@@ -260,7 +260,7 @@ def test_logprobs_are_the_models_teacher_forced_log_probs(setup, kw):
 
 def test_bad_engine_config():
     for kw in [dict(batch_size=0), dict(temperature=-1.0), dict(top_p=0.0), dict(top_p=1.5),
-               dict(max_new_tokens=0), dict(backend="vllm")]:
+               dict(max_new_tokens=0), dict(backend="sglang")]:
         with pytest.raises(ConfigError, match="bad config engine"):
             EngineConfig(**kw)
 

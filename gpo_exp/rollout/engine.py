@@ -8,8 +8,8 @@ are generated once) and lets the engine sort requests by length into dense bucke
 sampled token only on a near-exact tie of two perturbed scores; tests/test_engine.py checks the
 tokens are identical across batch sizes, orders and padding.)
 
-`RolloutEngine` is the interface (a vLLM backend only needs `generate`); `HFRolloutEngine` runs any
-HF causal LM with a KV cache.
+`RolloutEngine` is the interface; `HFRolloutEngine` runs any HF causal LM with a KV cache, and
+rollout/vllm_engine.py puts vLLM behind the same `generate` (engine.backend=vllm).
 """
 from __future__ import annotations
 
@@ -26,25 +26,42 @@ if TYPE_CHECKING:  # type only: config validation imports this module before tra
 from gpo_exp.registry import check
 
 _MASK32 = 0xFFFFFFFF
+VLLM_DTYPES = ("bfloat16", "float16", "float32", "auto")
 
 
 @dataclass
 class EngineConfig:
-    backend: str = "hf"  # hf: batched HF forward passes with a KV cache (vllm: not implemented yet)
-    batch_size: int = 128  # sequences per generation batch (after length bucketing)
+    backend: str = "hf"  # hf: batched HF forward passes with a KV cache, on the policy module itself | vllm: vLLM's offline engine (pip install -e ".[vllm]"), its own copy of the weights synced every round
+    batch_size: int = 128  # sequences per generation batch (after length bucketing); hf only, vLLM schedules its own batches
     temperature: float = 1.0  # sampling temperature; 0 means greedy
     top_p: float = 1.0  # nucleus sampling mass
     max_new_tokens: int | None = None  # None: the benchmark's max_new_tokens
-    sort_by_length: bool = True  # bucket requests by prefix length so batches are densely packed
+    sort_by_length: bool = True  # bucket requests by prefix length so batches are densely packed (hf only)
     dedup: bool = True  # generate identical (prefix, sample index) requests once
+    # engine.backend=vllm only (rollout/vllm_engine.py):
+    gpu_memory_utilization: float = 0.3  # share of the GPU's memory vLLM reserves for its weights and KV cache; the rest stays with the trainer on the same GPU
+    sleep_mode: bool = False  # free vLLM's GPU memory while the policy trains (LoRA: weights parked in CPU memory; full fine-tuning: dropped, then re-sent from the policy), at the cost of a wake-up per round
+    tensor_parallel_size: int = 1  # GPUs one vLLM engine shards the model over; with trainer.devices > 1 every rank runs its own engine, so 1
+    vllm_dtype: str = "bfloat16"  # dtype of vLLM's weights and activations: bfloat16 | float16 | float32 | auto (the checkpoint's)
+    max_model_len: int | None = None  # longest prefix + completion vLLM's KV cache must hold; null: the model's max_position_embeddings
+    enforce_eager: bool = False  # no CUDA graphs in vLLM: a faster engine start, slower decoding
+    lora_sync: str = "adapter"  # LoRA policies: adapter (save it, a new LoRARequest each round) | merged (merge it into the base weights, load those in place: no LoRA kernels while decoding)
+    allow_other_vllm: bool = False  # run on an installed vLLM other than the version this backend was written against (0.33.0), with a warning instead of stopping
 
     def __post_init__(self) -> None:
-        check(self.backend == "hf", "engine.backend", self.backend, "hf")
+        check(self.backend in ("hf", "vllm"), "engine.backend", self.backend, "hf or vllm")
         check(self.batch_size >= 1, "engine.batch_size", self.batch_size, ">= 1")
         check(self.temperature >= 0, "engine.temperature", self.temperature, ">= 0")
         check(0 < self.top_p <= 1, "engine.top_p", self.top_p, "in (0, 1]")
         check(self.max_new_tokens is None or self.max_new_tokens >= 1, "engine.max_new_tokens",
               self.max_new_tokens, ">= 1 or null")
+        check(0 < self.gpu_memory_utilization <= 1, "engine.gpu_memory_utilization", self.gpu_memory_utilization,
+              "in (0, 1]")
+        check(self.tensor_parallel_size >= 1, "engine.tensor_parallel_size", self.tensor_parallel_size, ">= 1")
+        check(self.vllm_dtype in VLLM_DTYPES, "engine.vllm_dtype", self.vllm_dtype, f"one of {', '.join(VLLM_DTYPES)}")
+        check(self.max_model_len is None or self.max_model_len >= 1, "engine.max_model_len", self.max_model_len,
+              ">= 1 or null")
+        check(self.lora_sync in ("adapter", "merged"), "engine.lora_sync", self.lora_sync, "adapter or merged")
 
 
 @dataclass
@@ -85,6 +102,26 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 def sample_keys(prefixes: Sequence[Sequence[int]], sample_ids: Sequence[int], seed: int) -> list[int]:
     """A 32-bit key per (prefix, sample id, seed); Python's tuple-of-int hash is stable across runs."""
     return [hash((seed, tuple(p), j)) & _MASK32 for p, j in zip(prefixes, sample_ids)]
+
+
+def plan_requests(prefixes: Sequence[Sequence[int]], sample_ids: Sequence[int], seed: int, greedy: bool,
+                  dedup: bool) -> tuple[list[tuple[int, tuple[int, ...]]], list[int]]:
+    """(distinct requests as (sample key, prefix), the request each input row reads its generation from).
+
+    Identical (prefix, j) requests share one generation when `dedup` (exact: a sample is a function of
+    its key). Greedy requests all use j = 0, so the K greedy samples of a prefix are one generation.
+    Every backend plans its requests here, so they deduplicate and seed alike."""
+    keys = sample_keys(prefixes, [0 if greedy else j for j in sample_ids], seed)
+    todo: list[tuple[int, tuple[int, ...]]] = []
+    index: dict[tuple[int, tuple[int, ...]], int] = {}
+    slot = []
+    for p, k in zip(prefixes, keys):
+        req = (k, tuple(p))
+        if req not in index or not dedup:
+            index[req] = len(todo)
+            todo.append(req)
+        slot.append(index[req])
+    return todo, slot
 
 
 def gumbel_at(keys: torch.Tensor, step: int, tokens: torch.Tensor) -> torch.Tensor:
@@ -184,17 +221,7 @@ class HFRolloutEngine:
             raise ValueError("every prefix needs at least one token (e.g. the prompt's BOS)")
         limit = max_new_tokens or self.cfg.max_new_tokens or self.default_max_new_tokens
         greedy = greedy or temperature == 0  # greedy samples of one prefix are all the same sample
-        keys = sample_keys(prefixes, [0 if greedy else j for j in sample_ids], seed)
-        # Deduplicate: identical (prefix, j) requests share one generation (exact, see module doc).
-        todo: list[tuple[int, tuple[int, ...]]] = []
-        index: dict[tuple[int, tuple[int, ...]], int] = {}
-        slot = []
-        for p, k in zip(prefixes, keys):
-            req = (k, tuple(p))
-            if req not in index or not self.cfg.dedup:
-                index[req] = len(todo)
-                todo.append(req)
-            slot.append(index[req])
+        todo, slot = plan_requests(prefixes, sample_ids, seed, greedy, self.cfg.dedup)
         order = list(range(len(todo)))
         if self.cfg.sort_by_length:  # (length, tokens): the samples of one prefix land in one batch
             order.sort(key=lambda i: (len(todo[i][1]), todo[i][1]))

@@ -102,6 +102,7 @@ class GPORoundCallback(pl.Callback):
     # --- Lightning hooks ------------------------------------------------------------------------
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._install_handlers()
+        self._sync_engine(pl_module, self.resumed_from or 0)
         if trainer.is_global_zero:
             self.data_dir.mkdir(parents=True, exist_ok=True)
         if self.resumed_from is None:
@@ -143,11 +144,13 @@ class GPORoundCallback(pl.Callback):
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.round = trainer.current_epoch + 1
+        self._sync_engine(pl_module, None)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.history.totals["time/train_s"] += time.perf_counter() - self._train_t0
         r = trainer.current_epoch + 1
         self._check_finite(pl_module, r)
+        self._sync_engine(pl_module, r)
         with trainer.precision_plugin.forward_context():  # generation and scoring in the trainer's precision
             self._evaluate(trainer, r)
         budget = self.gpo.max_generated_tokens
@@ -165,6 +168,16 @@ class GPORoundCallback(pl.Callback):
             with trainer.precision_plugin.forward_context():
                 self._collect(trainer, pl_module, r + 1)
         self._train_t0 = time.perf_counter()
+
+    def _sync_engine(self, pl_module: pl.LightningModule, r: int | None) -> None:
+        """An engine with its own copy of the weights (engine.backend=vllm) follows the policy: it loads
+        the weights after round r before generating (r=None: training starts, so it may sleep). Called
+        on every rank at the same points. The HF engine generates with the module itself: no hook."""
+        engine = self.sampler.engine
+        if r is None and hasattr(engine, "release"):
+            engine.release()
+        elif r is not None and hasattr(engine, "follow_policy"):
+            engine.follow_policy(pl_module.policy, r)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, KeyboardInterrupt) and trainer.is_global_zero:
