@@ -124,6 +124,19 @@ def plan_requests(prefixes: Sequence[Sequence[int]], sample_ids: Sequence[int], 
     return todo, slot
 
 
+def resolve_call(cfg: EngineConfig, default_max_new_tokens: int, prefixes: Sequence[Sequence[int]],
+                 sample_ids: Sequence[int], seed: int, greedy: bool, max_new_tokens: int | None,
+                 temperature: float | None) -> tuple[float, int, bool, list[tuple[int, tuple[int, ...]]], list[int]]:
+    """One generate call's (temperature, token limit, greedy, requests, slots), resolved alike by every
+    backend: the call's overrides over the config's, greedy at temperature 0, requests from plan_requests."""
+    temperature = cfg.temperature if temperature is None else temperature
+    if any(len(p) == 0 for p in prefixes):
+        raise ValueError("every prefix needs at least one token (e.g. the prompt's BOS)")
+    limit = max_new_tokens or cfg.max_new_tokens or default_max_new_tokens
+    greedy = greedy or temperature == 0  # greedy samples of one prefix are all the same sample
+    return (temperature, limit, greedy, *plan_requests(prefixes, sample_ids, seed, greedy, cfg.dedup))
+
+
 def gumbel_at(keys: torch.Tensor, step: int, tokens: torch.Tensor) -> torch.Tensor:
     """Gumbel(0, 1) noise for each (key, token) pair of the broadcast `keys` and `tokens`: a pure
     function of (key, step, token), so any subset of a row's tokens gets the values the full row would.
@@ -216,12 +229,8 @@ class HFRolloutEngine:
                  greedy: bool = False, max_new_tokens: int | None = None,
                  temperature: float | None = None) -> list[Generation]:
         t0 = time.perf_counter()
-        temperature = self.cfg.temperature if temperature is None else temperature
-        if any(len(p) == 0 for p in prefixes):
-            raise ValueError("every prefix needs at least one token (e.g. the prompt's BOS)")
-        limit = max_new_tokens or self.cfg.max_new_tokens or self.default_max_new_tokens
-        greedy = greedy or temperature == 0  # greedy samples of one prefix are all the same sample
-        todo, slot = plan_requests(prefixes, sample_ids, seed, greedy, self.cfg.dedup)
+        temperature, limit, greedy, todo, slot = resolve_call(self.cfg, self.default_max_new_tokens, prefixes,
+                                                              sample_ids, seed, greedy, max_new_tokens, temperature)
         order = list(range(len(todo)))
         if self.cfg.sort_by_length:  # (length, tokens): the samples of one prefix land in one batch
             order.sort(key=lambda i: (len(todo[i][1]), todo[i][1]))

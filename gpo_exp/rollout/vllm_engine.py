@@ -48,7 +48,7 @@ from torch import nn
 
 from gpo_exp.models.lora import is_lora
 from gpo_exp.registry import ConfigError
-from gpo_exp.rollout.engine import EngineConfig, EngineStats, Generation, plan_requests
+from gpo_exp.rollout.engine import EngineConfig, EngineStats, Generation, resolve_call
 
 log = logging.getLogger(__name__)
 
@@ -313,12 +313,8 @@ class VLLMRolloutEngine:
                  greedy: bool = False, max_new_tokens: int | None = None,
                  temperature: float | None = None) -> list[Generation]:
         t0 = time.perf_counter()
-        temperature = self.cfg.temperature if temperature is None else temperature
-        if any(len(p) == 0 for p in prefixes):
-            raise ValueError("every prefix needs at least one token (e.g. the prompt's BOS)")
-        limit = max_new_tokens or self.cfg.max_new_tokens or self.default_max_new_tokens
-        greedy = greedy or temperature == 0
-        todo, slot = plan_requests(prefixes, sample_ids, seed, greedy, self.cfg.dedup)
+        temperature, limit, greedy, todo, slot = resolve_call(self.cfg, self.default_max_new_tokens, prefixes,
+                                                              sample_ids, seed, greedy, max_new_tokens, temperature)
         if self._llm is None or self._asleep:
             self.follow_policy(self.policy, self._round)
         results: list[Generation] = []
