@@ -45,7 +45,7 @@ def _kill_in_round(run_dir: Path, overrides: list[str], r: int) -> None:
     """Start a run and SIGKILL it once round r's data is on disk (round r is then training or evaluating)."""
     proc = subprocess.Popen(_cmd(*overrides, f"hydra.run.dir={run_dir}"), cwd=ROOT, env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    marker = run_dir / "rounds" / f"round{r:03d}_trajectories.jsonl"
+    marker = run_dir / "rounds" / f"round{r:03d}_examples.jsonl"  # written after the trajectories: both are on disk
     deadline = time.time() + 600
     while not marker.exists():
         assert proc.poll() is None, f"run ended before round {r}: {proc.stderr.read()[-2000:]}"

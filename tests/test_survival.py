@@ -157,7 +157,7 @@ BAD_CONFIGS = [
     ("optimizer.beta=-1", "optimizer.beta=-1"), ("gpo.prompts_per_round=0", "gpo.prompts_per_round=0"),
     ("gpo.max_generated_tokens=0", "gpo.max_generated_tokens=0"), ("gpo.reference_k=-1", "gpo.reference_k=-1"),
     ("engine.temperature=-1", "engine.temperature=-1"), ("engine.top_p=0", "engine.top_p=0"),
-    ("engine.batch_size=0", "engine.batch_size=0"), ("engine.backend=vllm", "engine.backend='vllm'"),
+    ("engine.batch_size=0", "engine.batch_size=0"), ("engine.backend=sglang", "engine.backend='sglang'"),
     ("logger.mode=sometimes", "logger.mode='sometimes'"), ("model.source=ftp", "model.source='ftp'"),
     ("+model.dtype=int3", "model.dtype='int3'"), ("model.lora_r=-2", "model.lora_r=-2"),
     ("model.lora_dropout=1.5", "model.lora_dropout=1.5"), ("model.source=hub", "model.path=None"),
