@@ -85,6 +85,7 @@ def train(cfg: Resolved, run_dir: Path, config: dict[str, Any], overrides: list[
     from gpo_exp.rollout.backends import build_engine, check_backend
     from gpo_exp.rollout.evaluate import headline_metric
     from gpo_exp.rollout.estimators import ESTIMATORS
+    from gpo_exp.rollout.gpo_round import check_gpo
     from gpo_exp.rollout.sampler import PolicySampler
     from gpo_exp.training import checkpoint as ckpt
     from gpo_exp.training.datamodule import RolloutDataModule
@@ -115,6 +116,8 @@ def train(cfg: Resolved, run_dir: Path, config: dict[str, Any], overrides: list[
     check_fits(cfg.model, benchmark, [*train_rows, *test_rows])  # before the warm start, not an IndexError in it
 
     objective = OPTIMIZERS.build(asdict(cfg.optimizer))
+    estimator = ESTIMATORS.build(asdict(cfg.estimator)) if cfg.gpo.enabled else None
+    check_gpo(cfg.gpo, estimator)  # settings that need the estimator: refused before the warm start loads
     t0 = time.perf_counter()
     policy, ref, tokenizer, value_head, ws = build_policy(cfg, benchmark, objective)
     ws_s = time.perf_counter() - t0
@@ -127,7 +130,6 @@ def train(cfg: Resolved, run_dir: Path, config: dict[str, Any], overrides: list[
                           progress=cfg.trainer.progress_bar and rank0)
     steps = cfg.gpo.steps or benchmark.cfg.steps
     sampler = PolicySampler(engine, tokenizer, benchmark, steps, chat_template=cfg.model.chat_template, seed=cfg.seed)
-    estimator = ESTIMATORS.build(asdict(cfg.estimator)) if cfg.gpo.enabled else None
     dm = RolloutDataModule(objective, tokenizer.pad_token_id, seed=cfg.seed)
     rounds = GPORoundCallback(sampler, estimator, objective, dm, cfg.gpo, train_rows, test_rows,
                               cfg.trainer.eval_samples, run_dir, cfg.seed, keep_checkpoints=cfg.trainer.keep_checkpoints,
