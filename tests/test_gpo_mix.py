@@ -166,7 +166,7 @@ def test_token_budget_localises_in_a_seeded_one_per_prompt_order():
 
 def test_token_budget_stops_localising_when_spent(monkeypatch):
     import gpo_exp.rollout.gpo_round as gr
-    monkeypatch.setattr(gr, "CHUNK", 1)
+    monkeypatch.setattr(gr, "FIRST_CHUNK", 1)
     full, _ = run(mix="augment")
     fresh = full.stats["rollout/trajectory_tokens"]
     assert fresh == 24

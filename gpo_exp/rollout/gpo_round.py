@@ -29,7 +29,8 @@ if TYPE_CHECKING:  # type only: config validation imports GPOConfig before trans
 HIST_BINS = 12  # critical-step histogram bins (the last bin collects steps >= 11)
 MIXES = ("augment", "replace", "substitute")
 REUSES = ("critical", "tree")
-CHUNK = 8  # trajectories localised per estimator call under a token budget (smaller: closer to the budget, smaller batches)
+FIRST_CHUNK = 4  # under a token budget: trajectories localised by the first estimator call (measures the cost per trajectory)
+MAX_CHUNK = 32  # most trajectories per later call (each sized to the budget left at the mean cost so far)
 
 
 @dataclass
@@ -204,9 +205,10 @@ def localise(trajs: Sequence[Trajectory], sampler: PolicySampler, estimator: Est
     """Locate critical steps and sample at their reset prefixes: (localisations, reset groups, reset tokens).
 
     Without a budget every trajectory the estimator explores is localised in one call. With one,
-    trajectories go in `localisation_order`, CHUNK at a time (estimation, then reset), while the tokens
-    spent so far plus the next chunk's expected cost (the mean so far) stay within the budget; the rest
-    are "skipped". Every trajectory still lends its tokens to the estimator as a sibling sample."""
+    trajectories go in `localisation_order`, in chunks (estimation, then reset): FIRST_CHUNK, then as many
+    as the budget left affords at the mean cost per trajectory so far (at most MAX_CHUNK), until not one
+    more does; the rest are "skipped". Every trajectory still lends its tokens to the estimator as a
+    sibling sample."""
     stats = sampler.engine.stats
     if budget is None:
         locs = estimator.locate(list(trajs), sampler, seed)
@@ -219,7 +221,7 @@ def localise(trajs: Sequence[Trajectory], sampler: PolicySampler, estimator: Est
     spent = reset_tokens = done = 0
     i = 0
     while i < len(order):
-        n = CHUNK if done == 0 or spent == 0 else min(CHUNK, int((budget - spent) // (spent / done)))
+        n = FIRST_CHUNK if done == 0 else MAX_CHUNK if spent == 0 else min(MAX_CHUNK, int((budget - spent) // (spent / done)))
         if n <= 0 or spent >= budget:
             break
         chunk = order[i: i + n]
