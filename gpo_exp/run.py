@@ -27,10 +27,11 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from gpo_exp import rundir
-from gpo_exp.config import Resolved, register_configs, validate
+from gpo_exp.training import rundir
+from gpo_exp.config import register_configs
+from gpo_exp.training.run_config import Resolved, validate
 from gpo_exp.registry import ConfigError
-from gpo_exp.tiny_context import check_fits
+from gpo_exp.models.tiny_context import check_fits
 from gpo_exp.training import distributed
 
 log = logging.getLogger("gpo_exp")
