@@ -12,7 +12,7 @@ trajectory, L (n - i) / n tokens, and a reset step is uniform over the n steps):
   estimation    per explored trajectory ((1-p) P N of them with explore=failed), prefixes 1..n-1:
                   mc          K L (n-1)/2
                   bisect      K draws at each of ceil(log2 n) midpoints (~L/2 each)
-                  adaptive    the confidence prior's hypothesis holding (0.91 on tiny, README): a live probe
+                  adaptive    the confidence prior's hypothesis holding (0.91 on tiny, docs/testbed.md): a live probe
                               (~1/p draws) and a dead one (its risk-calibrated cap) at ~L/2 each
                   random, confidence   0
                 plus, for mc and bisect, the prompt's K - (N-1) draws (siblings are free draws from it) once

@@ -58,7 +58,7 @@ class EstimatorConfig:
 class AdaptiveConfig(EstimatorConfig):
     """Sequential probes: one success settles V > 0, k_max failures settle V ~ 0."""
 
-    name: str = "adaptive"
+    name: str = "adaptive"  # registry name (estimator=adaptive)
     k_max: int = 32  # most draws per probe; a prefix with success rate p is misjudged as dead w.p. (1-p)^k_max
     batch: int = 2  # draws per open probe in its first wave (raise for fewer, larger generate calls)
     grow: bool = False  # true: each later wave of a probe draws as many as it has so far (2, 2, 4, 8, ...): log-many waves for hard prefixes, same verdict for a given cap (~0.75x wall time, ~1.1x tokens here)
