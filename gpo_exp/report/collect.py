@@ -113,7 +113,7 @@ def collect_jobs(path: str | Path) -> tuple[list[Run], list[str], list[str]]:
             missing.append(f"{label} [unreadable summary.json]")
             continue
         status = summary.get("status", "ok")
-        if status != "ok":
+        if status not in ("ok", "no_signal"):  # no_signal finished: its accuracies are those of a policy never trained
             where = f", round {summary['diverged_round']}" if summary.get("diverged_round") is not None else ""
             failed.append(f"{label} [{status}{where}: {summary.get('error') or 'no error recorded'}]")
             continue
