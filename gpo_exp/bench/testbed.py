@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> dict:
     from hydra import compose, initialize_config_dir
 
     from gpo_exp.benchmarks import BENCHMARKS
-    from gpo_exp.config import register_configs, validate
+    from gpo_exp.config import register_configs
+    from gpo_exp.training.run_config import validate
     from gpo_exp.rollout.diagnostics import eval_diagnostics
     from gpo_exp.rollout.engine import HFRolloutEngine
     from gpo_exp.rollout.evaluate import evaluate

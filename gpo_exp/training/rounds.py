@@ -62,6 +62,18 @@ class RoundHistory:
     stopped: bool = False  # the token budget ended the run early
 
 
+def no_signal_hint(train_accuracy: float) -> str:
+    """Why a round produced no training examples, and what to change. Every optimizer needs trajectories
+    of one prompt (or one reset prefix) that differ in reward; a policy that solves all or none gives none."""
+    if train_accuracy <= 0.0:
+        return ("the policy solved none of its prompts (train accuracy 0.00): give it the answer format first "
+                "(warm_start.enabled=true; SmolLM2 on arithmetic: experiment=smollm2_arith) or easier prompts")
+    if train_accuracy >= 1.0:
+        return "the policy solved every prompt (train accuracy 1.00): give it harder prompts"
+    return (f"every group's samples had equal rewards (train accuracy {train_accuracy:.2f}): raise "
+            "gpo.samples_per_prompt or engine.temperature")
+
+
 class Diverged(FloatingPointError):
     """Non-finite weights after a round (or a non-finite loss during one): the run stops here."""
 
@@ -262,6 +274,8 @@ class GPORoundCallback(pl.Callback):
                  r, s["rollout/trajectories"], s["rollout/train_accuracy"], len(examples), self.objective.kind,
                  len(data.groups), f", critical steps {s['gpo/critical_step_hist']}" if self.gpo.enabled else "",
                  s["rollout/round_generated_tokens"], s["time/rollout_s"])
+        if not examples:  # say so every round: a run that trains on nothing must not look like one that learns
+            log.warning("round %d: no training examples; %s", r, no_signal_hint(s["rollout/train_accuracy"]))
         self._pending = {**{k: v for k, v in s.items() if not isinstance(v, list)}, "gpo/pairs_round": len(examples)}
         self._log_wandb(trainer, r, data)
 
