@@ -51,7 +51,7 @@ def engine(tmp_path: Path, policy=None, **cfg) -> VLLMRolloutEngine:
 
 # --- config and the one-line refusals -----------------------------------------------------------------
 def test_engine_vllm_composes_and_validates(compose):
-    from gpo_exp.config import validate
+    from gpo_exp.training.run_config import validate
 
     cfg = validate(compose(["engine=vllm", "engine.gpu_memory_utilization=0.5", "engine.sleep_mode=true"]))
     assert cfg.engine.backend == "vllm" and cfg.engine.gpu_memory_utilization == 0.5 and cfg.engine.sleep_mode
@@ -59,7 +59,7 @@ def test_engine_vllm_composes_and_validates(compose):
 
 
 def test_config_validation_imports_neither_vllm_nor_the_backend():
-    code = ("import sys; from gpo_exp.config import validate, register_configs; from omegaconf import OmegaConf; "
+    code = ("import sys; from gpo_exp.config import register_configs; from gpo_exp.training.run_config import validate; from omegaconf import OmegaConf; "
             "from gpo_exp.registry import to_dataclass; from gpo_exp.rollout.engine import EngineConfig; "
             "assert to_dataclass(EngineConfig, {'backend': 'vllm'}, 'engine').backend == 'vllm'; "
             "print(sorted(m for m in sys.modules if m == 'vllm' or m.startswith(('vllm.', 'gpo_exp.rollout.vllm'))))")

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from omegaconf import OmegaConf
 
-from gpo_exp.config import validate
+from gpo_exp.training.run_config import validate
 from gpo_exp.rollout import backends
 from gpo_exp.rollout.engine import HFRolloutEngine
 from gpo_exp.run import apply_fast_dev_run, train

@@ -92,6 +92,15 @@ class RolloutEngine(Protocol):
         ...
 
 
+def kv_cache_arg() -> str:
+    """The name under which HF causal LMs take and return their KV cache: `cache` from transformers 5.24
+    on, `past_key_values` before (5.24 still accepts the old name, with a deprecation warning)."""
+    import transformers
+    from packaging.version import Version
+
+    return "cache" if Version(transformers.__version__).release >= (5, 24) else "past_key_values"
+
+
 def _mix32(x: torch.Tensor) -> torch.Tensor:
     """A 32-bit integer finaliser (lowbias32) on int64 tensors holding values < 2**32."""
     x = ((x ^ (x >> 16)) * 0x7FEB352D) & _MASK32
@@ -271,8 +280,9 @@ class HFRolloutEngine:
             mask[r, L - len(p):] = 1
         ids, mask = ids.to(device), mask.to(device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache_arg = kv_cache_arg()
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-        cache, logits = out.cache, out.logits[:, -1]
+        cache, logits = getattr(out, cache_arg), out.logits[:, -1]
         rows = torch.tensor(src, dtype=torch.long, device=device)
         if U < len(prefixes):
             cache.batch_select_indices(rows)
@@ -299,8 +309,8 @@ class HFRolloutEngine:
                 live, key_t, mask, next_pos, tok = live[keep], key_t[keep], mask[keep], next_pos[keep], tok[keep]
             mask = torch.cat([mask, torch.ones((len(live), 1), dtype=mask.dtype, device=device)], dim=1)
             out = self.model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-                             cache=cache, use_cache=True)
-            cache, logits = out.cache, out.logits[:, -1]
+                             use_cache=True, **{cache_arg: cache})
+            cache, logits = getattr(out, cache_arg), out.logits[:, -1]
             next_pos = next_pos + 1
         gens = []
         for row, lp in zip(toks.tolist(), lps.tolist()):
