@@ -193,9 +193,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             run_dir = out / f"run_{step}"
             entry["status"], entry["wall_s"] = run_step(py + ["gpo_exp.run", *run_args(step, run_dir, gpu, smoke, model_dir)],
                                                         limits[step], out / f"{step}.log")
-            if (run_dir / "summary.json").exists():  # also for status no_signal (exit 3): no pairs, figures still stand
-                entry.update(round_figures(json.loads((run_dir / "summary.json").read_text())))
+            summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
+            if "time/rollout_s" in summary:  # also for status no_signal (exit 3): no pairs, the figures still stand
+                entry.update(round_figures(summary))
                 entry["status"] = entry.pop("run_status")
+            elif summary.get("error"):
+                entry["error"] = summary["error"]
         elif step == "memory":
             cmd = py + ["gpo_exp.bench.memory", "--device", device, "--vocab", "151936"]
             cmd += (["--lengths", "128", "--hidden", "64", "--ops", "precompute", "--score-seqs", "2"] if smoke else
@@ -214,7 +217,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if "rollout_tok_s" in e:
             print(fmt_run(step, e))
         else:
-            print(f"{step}: {e['status']} ({e['wall_s']:.0f} s); see {out / (step + '.log')}")
+            print(f"{step}: {e['status']} ({e['wall_s']:.0f} s){'; ' + e['error'] if e.get('error') else ''}; "
+                  f"see {out / (step + '.log')}")
     return results
 
 
