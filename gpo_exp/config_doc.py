@@ -88,13 +88,12 @@ def rows(cls: type, prefix: str) -> list[tuple[str, str, str, str]]:
 def sections() -> list[tuple[str, str, type]]:
     """(heading, key prefix, dataclass) for every section of the run config, registries expanded."""
     from gpo_exp.benchmarks import BENCHMARKS
-    from gpo_exp.config import LoggerConfig, TrainerConfig
+    from gpo_exp.config import LoggerConfig, TrainerConfig, WarmStartConfig
     from gpo_exp.models.config import ModelConfig
     from gpo_exp.rollout.engine import EngineConfig
     from gpo_exp.rollout.estimators import ESTIMATORS
     from gpo_exp.rollout.gpo_round import GPOConfig
     from gpo_exp.training.objectives import OPTIMIZERS
-    from gpo_exp.training.warmstart import WarmStartConfig
 
     out: list[tuple[str, str, type]] = [
         ("gpo", "gpo", GPOConfig), ("trainer", "trainer", TrainerConfig), ("engine", "engine", EngineConfig),

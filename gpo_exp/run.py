@@ -27,10 +27,11 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from gpo_exp import rundir
-from gpo_exp.config import Resolved, register_configs, validate
+from gpo_exp.training import rundir
+from gpo_exp.config import register_configs
+from gpo_exp.training.run_config import Resolved, validate
 from gpo_exp.registry import ConfigError
-from gpo_exp.tiny_context import check_fits
+from gpo_exp.models.tiny_context import check_fits
 from gpo_exp.training import distributed
 from gpo_exp.versions import check_versions
 
@@ -83,9 +84,10 @@ def train(cfg: Resolved, run_dir: Path, config: dict[str, Any], overrides: list[
     and no summary.json (the directory stays resumable)."""
     from gpo_exp.benchmarks import BENCHMARKS
     from gpo_exp.models.lora import is_lora
-    from gpo_exp.rollout.backends import build_engine, check_backend
+    from gpo_exp.rollout.backends import build_engine, check_backend, longest_prompt
     from gpo_exp.rollout.evaluate import headline_metric
     from gpo_exp.rollout.estimators import ESTIMATORS
+    from gpo_exp.rollout.gpo_round import check_gpo
     from gpo_exp.rollout.sampler import PolicySampler
     from gpo_exp.training import checkpoint as ckpt
     from gpo_exp.training.datamodule import RolloutDataModule
@@ -104,7 +106,8 @@ def train(cfg: Resolved, run_dir: Path, config: dict[str, Any], overrides: list[
     if rundir.is_finished(run_dir):
         raise ConfigError(f"run directory {run_dir} already holds a finished run; refusing to overwrite it")
     rank0 = distributed.env_rank() == 0
-    check_backend(cfg.engine, lora_r=cfg.model.lora_r, devices=cfg.trainer.devices)  # engine=vllm without vLLM or a GPU: one line, now
+    check_backend(cfg.engine, lora_r=cfg.model.lora_r, devices=cfg.trainer.devices, model=cfg.model,  # engine=vllm: one line, now
+                  temperatures=[getattr(cfg.estimator, "temperature", None)])
     last = ckpt.latest(run_dir)
     if last is None and rank0:
         ckpt.clear_partial(run_dir)  # killed before its first round checkpoint: start that run over
@@ -116,6 +119,8 @@ def train(cfg: Resolved, run_dir: Path, config: dict[str, Any], overrides: list[
     check_fits(cfg.model, benchmark, [*train_rows, *test_rows])  # before the warm start, not an IndexError in it
 
     objective = OPTIMIZERS.build(asdict(cfg.optimizer))
+    estimator = ESTIMATORS.build(asdict(cfg.estimator)) if cfg.gpo.enabled else None
+    check_gpo(cfg.gpo, estimator)  # settings that need the estimator: refused before the warm start loads
     t0 = time.perf_counter()
     policy, ref, tokenizer, value_head, ws = build_policy(cfg, benchmark, objective)
     ws_s = time.perf_counter() - t0
@@ -124,11 +129,12 @@ def train(cfg: Resolved, run_dir: Path, config: dict[str, Any], overrides: list[
                           gradient_clip_val=cfg.trainer.gradient_clip_val)
     module.strict_loading = False  # resume checkpoints leave out the frozen weights (rebuilt above)
 
+    max_prompt = (longest_prompt(tokenizer, benchmark, [*train_rows, *test_rows], cfg.model.chat_template)
+                  if cfg.engine.backend == "vllm" else None)  # sizes vLLM's KV cache (engine.max_model_len=null)
     engine = build_engine(cfg.engine, policy, tokenizer, benchmark.cfg.max_new_tokens, run_dir / "vllm", seed=cfg.seed,
-                          progress=cfg.trainer.progress_bar and rank0)
+                          progress=cfg.trainer.progress_bar and rank0, max_prompt_len=max_prompt)
     steps = cfg.gpo.steps or benchmark.cfg.steps
     sampler = PolicySampler(engine, tokenizer, benchmark, steps, chat_template=cfg.model.chat_template, seed=cfg.seed)
-    estimator = ESTIMATORS.build(asdict(cfg.estimator)) if cfg.gpo.enabled else None
     dm = RolloutDataModule(objective, tokenizer.pad_token_id, seed=cfg.seed)
     rounds = GPORoundCallback(sampler, estimator, objective, dm, cfg.gpo, train_rows, test_rows,
                               cfg.trainer.eval_samples, run_dir, cfg.seed, keep_checkpoints=cfg.trainer.keep_checkpoints,

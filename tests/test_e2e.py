@@ -7,7 +7,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from gpo_exp.config import validate
+from gpo_exp.training.run_config import validate
 from gpo_exp.run import apply_fast_dev_run, train
 
 

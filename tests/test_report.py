@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from gpo_exp.report import build_report, main, summarize, t_quantile, welch_diff
-from gpo_exp.report_plots import critical_step_fractions, estimator_values, round_curves
+from gpo_exp.report.plots import critical_step_fractions, estimator_values, round_curves
 
 ROOT = Path(__file__).resolve().parents[1]
 DPO = [0.50, 0.52, 0.54]

@@ -5,7 +5,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from gpo_exp.bench.round_cost import Setting, main, round_tokens
-from gpo_exp.config import validate
+from gpo_exp.training.run_config import validate
 from gpo_exp.run import apply_fast_dev_run, train
 
 

@@ -17,9 +17,10 @@ logits alone would exceed --max-old-gb are skipped and say so (they would only s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing as mp
 import os
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -37,6 +38,22 @@ def old_token_logps(model: Any, input_ids: torch.Tensor, attention_mask: torch.T
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
     logps = torch.log_softmax(logits, dim=-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
     return torch.nn.functional.pad(logps, (1, 0)), None
+
+
+@contextlib.contextmanager
+def logprob_path(path: str) -> Iterator[None]:
+    """`batching.token_logps` is the old implementation inside (path "old"), and what it was before
+    afterwards, whatever happens inside: a GPU measures in-process, so a later "new" figure must not
+    run the old path. `sequence_logps` looks the function up at call time."""
+    from gpo_exp.training import batching
+
+    saved = batching.token_logps
+    if path == "old":
+        batching.token_logps = old_token_logps
+    try:
+        yield
+    finally:
+        batching.token_logps = saved
 
 
 def _rss_kb(field: str) -> int:
@@ -59,12 +76,15 @@ def _model(vocab: int, args: argparse.Namespace, length: int, device: torch.devi
 
 def measure(vocab: int, length: int, path: str, op: str, args: argparse.Namespace) -> float:
     """Peak MB beyond the weights for one (vocabulary, length, path, operation), in this process."""
+    with logprob_path(path):
+        return _measure(vocab, length, op, args)
+
+
+def _measure(vocab: int, length: int, op: str, args: argparse.Namespace) -> float:
     from gpo_exp.training import batching
     from gpo_exp.training.objectives import OPTIMIZERS
 
     device = torch.device(args.device)
-    if path == "old":
-        batching.token_logps = old_token_logps  # sequence_logps looks it up at call time
     model = _model(vocab, args, length, device)
     ids = torch.randint(0, vocab, (max(2, args.score_seqs), length), generator=torch.Generator().manual_seed(1))
     if device.type == "cuda":

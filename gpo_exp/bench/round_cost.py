@@ -155,7 +155,8 @@ def measured_round(run_dir: Path) -> dict[str, Any]:
 def _compose(overrides: Sequence[str]) -> Any:
     from hydra import compose, initialize_config_dir
 
-    from gpo_exp.config import register_configs, validate
+    from gpo_exp.config import register_configs
+    from gpo_exp.training.run_config import validate
 
     register_configs()
     with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[2] / "conf"), version_base="1.3"):
@@ -201,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.from_run is not None:  # the run's own resolved config, and the assumptions its round 1 measured
         from omegaconf import OmegaConf
 
-        from gpo_exp.config import validate
+        from gpo_exp.training.run_config import validate
 
         m = measured_round(args.from_run)
         cfg = validate(OmegaConf.create(m["config"]))

@@ -50,7 +50,7 @@ class EngineConfig:
     sleep_mode: bool = False  # free vLLM's GPU memory while the policy trains (LoRA: weights parked in CPU memory; full fine-tuning: dropped, then re-sent from the policy), at the cost of a wake-up per round
     tensor_parallel_size: int = 1  # GPUs one vLLM engine shards the model over; with trainer.devices > 1 every rank runs its own engine, so 1
     vllm_dtype: str = "bfloat16"  # dtype of vLLM's weights and activations: bfloat16 | float16 | float32 | auto (the checkpoint's)
-    max_model_len: int | None = None  # longest prefix + completion vLLM's KV cache must hold; null: the model's max_position_embeddings
+    max_model_len: int | None = None  # longest sequence vLLM's KV cache must hold; null: the run's longest prompt + 2 x max_new_tokens (a continuation of the longest prefix), capped at the model's context
     enforce_eager: bool = False  # no CUDA graphs in vLLM: a faster engine start, slower decoding
     lora_sync: str = "adapter"  # LoRA policies: adapter (save it, a new LoRARequest each round) | merged (merge it into the base weights, load those in place: no LoRA kernels while decoding)
     allow_other_vllm: bool = False  # run on an installed vLLM other than the version this backend was written against (0.33.0), with a warning instead of stopping

@@ -30,6 +30,7 @@ from gpo_exp.rollout.diagnostics import eval_diagnostics, summary_diagnostics
 from gpo_exp.rollout.estimators import Estimator
 from gpo_exp.rollout.evaluate import evaluate
 from gpo_exp.rollout.gpo_round import GPOConfig, RoundData, collect_round, merge_rounds
+from gpo_exp.training.examples import SOURCES, round_examples
 from gpo_exp.rollout.sampler import PolicySampler
 from gpo_exp.rollout.steps import step_texts
 from gpo_exp.training import checkpoint as ckpt
@@ -47,7 +48,8 @@ class RoundHistory:
     rounds: list[dict[str, Any]] = field(default_factory=list)
     totals: dict[str, float] = field(default_factory=lambda: {
         "rollout/generated_tokens": 0, "time/rollout_s": 0.0, "time/train_s": 0.0, "time/eval_s": 0.0,
-        "gpo/pairs": 0, "gpo/examples": 0})
+        "gpo/pairs": 0, "gpo/examples": 0, **{f"gpo/examples_{s}": 0 for s in SOURCES},
+        "rollout/trajectory_tokens": 0, "gpo/estimation_tokens": 0, "gpo/reset_tokens": 0})
     hist: list[int] = field(default_factory=list)  # critical-step histogram over all rounds
     agree_hits: int = 0
     agree_n: int = 0
@@ -256,7 +258,8 @@ class GPORoundCallback(pl.Callback):
         if world > 1:
             data = merge_rounds(distributed.gather(data), self.gpo)
         t0 = time.perf_counter()
-        examples = self.objective.make_examples(data.groups, self.gpo.examples_per_round, rng, self.gpo.pairs_per_group)
+        examples, by_source = round_examples(self.objective, data.groups, self.gpo, rng)
+        data.stats.update(by_source)
         self.objective.precompute(examples, pl_module.policy, getattr(pl_module, "ref", None),
                                   self.sampler.tokenizer.pad_token_id)
         data.stats["time/precompute_s"] = time.perf_counter() - t0
@@ -305,6 +308,9 @@ class GPORoundCallback(pl.Callback):
         h.totals["rollout/generated_tokens"] += s["rollout/round_generated_tokens"]
         h.totals["time/rollout_s"] += s["time/rollout_s"] + s["time/precompute_s"]
         h.totals["gpo/examples"] += len(examples)
+        for key in [f"gpo/examples_{src}" for src in SOURCES] + ["rollout/trajectory_tokens", "gpo/estimation_tokens",
+                                                                 "gpo/reset_tokens"]:
+            h.totals[key] = h.totals.get(key, 0) + s.get(key, 0)  # .get: totals restored from an older checkpoint
         h.totals["gpo/pairs"] += len(examples) if self.objective.kind != "rollouts" else 0
         if data.localizations is not None:
             hist = s["gpo/critical_step_hist"]
@@ -329,6 +335,7 @@ class GPORoundCallback(pl.Callback):
         self.history.totals["time/eval_s"] += dt
         record = {"round": r, **{f"eval/{k}": v for k, v in res.items()},
                   "rollout/generated_tokens": self.history.totals["rollout/generated_tokens"],
+                  "train/examples": self.history.totals["gpo/examples"],  # cumulative: compare arms at equal examples
                   **self._pending}
         if self.gpo.enabled and self.history.hist:
             record["gpo/critical_step_hist"] = list(self.history.hist)

@@ -18,7 +18,8 @@ matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from gpo_exp.report import Arm, Run, summarize  # noqa: E402  (report imports this module lazily)
+from gpo_exp.report.stats import summarize  # noqa: E402
+from gpo_exp.report.types import Arm, Run  # noqa: E402
 
 
 MARKERS = "os^Dv<>p"

@@ -14,7 +14,7 @@ averaged over seeds, differenced between the arms, t CI over rows (runs that log
 `eval/diag/greedy_correct`; same test rows in both arms). Writes accuracy_vs_tokens.png: one colour
 per base optimizer, GPO solid with circles, plain dashed with squares, T marked.
 
-Student t quantiles come from `gpo_exp.report.t_quantile` (scipy.stats.t).
+Student t quantiles come from `gpo_exp.report.stats.t_quantile` (scipy.stats.t).
 """
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from gpo_exp.report import Arm, Row, Run, Stat, summarize, t_quantile, welch_diff
+from gpo_exp.report.stats import summarize, welch_diff
+from gpo_exp.report.types import Arm, Row, Run, Stat
 
 KEY = "eval/accuracy"
 CORRECT = "eval/diag/greedy_correct"  # per-row greedy correctness as a '0'/'1' string (testbed diagnostics)
