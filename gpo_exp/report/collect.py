@@ -172,6 +172,15 @@ def varying_keys(runs: Sequence[Run], gpo: bool) -> list[str]:
     return [k for k in keys if not _neutral(k, gpo) and len({_show(f.get(k)) for f in flats}) > 1]
 
 
+ABSENT = "unset"  # a key this run's config does not have (e.g. an estimator field of another estimator)
+
+
+def _part(key: str, value: str, width: int = 28) -> str:
+    """`key=value` for a label, estimator keys without their prefix, long values shortened."""
+    value = value if len(value) <= width else value[: width - 1] + "…"
+    return f"{key.removeprefix('estimator.')}={value}"
+
+
 K_ESTIMATORS = ("mc", "bisect")  # estimators whose K (draws per probed prefix) labels the arm
 
 
@@ -188,16 +197,32 @@ def group_arms(runs: Iterable[Run]) -> list[Arm]:
         variants: dict[tuple[str, str, tuple[tuple[str, str], ...]], list[Run]] = defaultdict(list)
         for run in members:  # the estimator only matters, and only splits rows, for GPO arms
             flat = flatten(run.config)
-            fields = tuple((k, _show(flat.get(k))) for k in extra)
+            fields = tuple((k, _show(flat[k]) if k in flat else ABSENT) for k in extra)
             key = ((str(run.cfg("estimator.name", "?")), str(run.cfg("estimator.k", "?"))) if gpo else ("", "")) + (fields,)
             variants[key].append(run)
         vary_name = len({name for name, _, _ in variants}) > 1
         vary_k = len({k for _, k, _ in variants}) > 1
-        for (name, k, fields), vruns in variants.items():
+        # A key names an arm only where it tells arms apart: it has two different values among the arms that
+        # set it. A key only some arms have (adaptive's `grow` next to mc) is implied by what else differs.
+        present: dict[str, set[str]] = defaultdict(set)
+        for _, _, fields in variants:
+            for f, v in fields:
+                if v is not ABSENT:
+                    present[f].add(v)
+        telling = {f for f, vals in present.items() if len(vals) > 1}
+        labels: dict[tuple[str, str, tuple[tuple[str, str], ...]], str] = {}
+        for name, k, fields in variants:
             show_k = vary_k and name in K_ESTIMATORS  # random/confidence have no K; adaptive's is only its mc fallback
             parts = ([name] if vary_name else []) + ([f"K={k}"] if show_k else [])
-            parts += [f"{f.removeprefix('estimator.')}={v}" for f, v in fields]
-            arms.append(Arm(nice + (f" ({', '.join(parts)})" if parts else ""), base, gpo, vruns))
+            parts += [_part(f, v) for f, v in fields if f in telling and v is not ABSENT]
+            labels[(name, k, fields)] = nice + (f" ({', '.join(parts)})" if parts else "")
+        taken = list(labels.values())
+        for key, label in labels.items():  # still ambiguous: name every key that differs
+            if taken.count(label) > 1:
+                name, k, fields = key
+                parts = [p for p in (name if vary_name else "", f"K={k}" if vary_k and name in K_ESTIMATORS else "") if p]
+                labels[key] = nice + f" ({', '.join(parts + [_part(f, v) for f, v in fields])})"
+        arms += [Arm(labels[key], base, gpo, vruns) for key, vruns in variants.items()]
     rank = {name: i for i, name in enumerate(ORDER)}
     arms.sort(key=lambda a: (rank.get(a.base, len(ORDER)), a.base, a.gpo, -len(a.runs), a.label))
     return arms
