@@ -280,3 +280,18 @@ def test_the_longest_prompt_is_measured_as_the_sampler_encodes_prompts(tmp_path)
     assert n == max(len(sampler.encode(r)) for r in rows) and n > 5
     eng = build_engine(EngineConfig(backend="vllm"), llama(context=4096), tok, 7, tmp_path, max_prompt_len=n)
     assert eng.max_model_len == n + 14
+
+
+def test_the_install_command_resolves_to_the_vllm_this_backend_was_written_against():
+    """`pip install -e ".[vllm]"` (no constraints file) resolved vllm 0.33.0, torch 2.14.0, transformers 5.20.2
+    (`pip install -e ".[vllm]" --dry-run --ignore-installed`, docs/vllm.md): pyproject's ranges must keep
+    admitting that set, and the one-line error must name that command."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    reqs = {Requirement(r).name: Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["vllm"]}
+    resolved = {"vllm": ve.VLLM_VERSION, "torch": "2.14.0", "transformers": "5.20.2"}
+    assert all(reqs[name].specifier.contains(v) for name, v in resolved.items()), reqs
+    assert ve.INSTALL == 'pip install -e ".[vllm]"'

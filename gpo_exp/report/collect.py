@@ -45,6 +45,19 @@ def _read_rounds(path: Path) -> list[dict[str, Any]]:
     return out
 
 
+def _read_row_correct(rounds_dir: Path) -> dict[int, str]:
+    """Round -> '0'/'1' per diagnosed test row, from rounds/roundNNN_eval.jsonl (testbed runs)."""
+    out = {}
+    for path in sorted(rounds_dir.glob("round*_eval.jsonl")) if rounds_dir.is_dir() else []:
+        m = re.fullmatch(r"round(\d+)_eval\.jsonl", path.name)
+        try:
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            out[int(m.group(1))] = "".join(str(int(r["greedy_correct"])) for r in rows) if m else ""
+        except (OSError, ValueError, KeyError, TypeError):  # a torn file (a killed run): no paired rows for it
+            continue
+    return {r: v for r, v in out.items() if v}
+
+
 def collect_runs(path: str | Path) -> tuple[list[Run], list[str]]:
     """Finished runs under `path` and labels of the jobs without results (failed, partial, never started)."""
     runs, missing, failed = collect_jobs(path)
@@ -120,7 +133,7 @@ def collect_jobs(path: str | Path) -> tuple[list[Run], list[str], list[str]]:
         config = summary.get("config")
         if not isinstance(config, dict):  # older runs: fall back to Hydra's saved config
             config = _read_yaml(d / ".hydra" / "config.yaml") or {}
-        runs.append(Run(rel, summary, config, _read_rounds(d / "rounds.jsonl")))
+        runs.append(Run(rel, summary, config, _read_rounds(d / "rounds.jsonl"), _read_row_correct(d / "rounds")))
     for job in _expected_jobs(root) or []:
         if _normal(job) not in seen_jobs:
             missing.append(f"{' '.join(job)} [never started: no job directory]")
@@ -172,6 +185,15 @@ def varying_keys(runs: Sequence[Run], gpo: bool) -> list[str]:
     return [k for k in keys if not _neutral(k, gpo) and len({_show(f.get(k)) for f in flats}) > 1]
 
 
+ABSENT = "unset"  # a key this run's config does not have (e.g. an estimator field of another estimator)
+
+
+def _part(key: str, value: str, width: int = 28) -> str:
+    """`key=value` for a label, estimator keys without their prefix, long values shortened."""
+    value = value if len(value) <= width else value[: width - 1] + "…"
+    return f"{key.removeprefix('estimator.')}={value}"
+
+
 K_ESTIMATORS = ("mc", "bisect")  # estimators whose K (draws per probed prefix) labels the arm
 
 
@@ -188,16 +210,32 @@ def group_arms(runs: Iterable[Run]) -> list[Arm]:
         variants: dict[tuple[str, str, tuple[tuple[str, str], ...]], list[Run]] = defaultdict(list)
         for run in members:  # the estimator only matters, and only splits rows, for GPO arms
             flat = flatten(run.config)
-            fields = tuple((k, _show(flat.get(k))) for k in extra)
+            fields = tuple((k, _show(flat[k]) if k in flat else ABSENT) for k in extra)
             key = ((str(run.cfg("estimator.name", "?")), str(run.cfg("estimator.k", "?"))) if gpo else ("", "")) + (fields,)
             variants[key].append(run)
         vary_name = len({name for name, _, _ in variants}) > 1
         vary_k = len({k for _, k, _ in variants}) > 1
-        for (name, k, fields), vruns in variants.items():
+        # A key names an arm only where it tells arms apart: it has two different values among the arms that
+        # set it. A key only some arms have (adaptive's `grow` next to mc) is implied by what else differs.
+        present: dict[str, set[str]] = defaultdict(set)
+        for _, _, fields in variants:
+            for f, v in fields:
+                if v is not ABSENT:
+                    present[f].add(v)
+        telling = {f for f, vals in present.items() if len(vals) > 1}
+        labels: dict[tuple[str, str, tuple[tuple[str, str], ...]], str] = {}
+        for name, k, fields in variants:
             show_k = vary_k and name in K_ESTIMATORS  # random/confidence have no K; adaptive's is only its mc fallback
             parts = ([name] if vary_name else []) + ([f"K={k}"] if show_k else [])
-            parts += [f"{f.removeprefix('estimator.')}={v}" for f, v in fields]
-            arms.append(Arm(nice + (f" ({', '.join(parts)})" if parts else ""), base, gpo, vruns))
+            parts += [_part(f, v) for f, v in fields if f in telling and v is not ABSENT]
+            labels[(name, k, fields)] = nice + (f" ({', '.join(parts)})" if parts else "")
+        taken = list(labels.values())
+        for key, label in labels.items():  # still ambiguous: name every key that differs
+            if taken.count(label) > 1:
+                name, k, fields = key
+                parts = [p for p in (name if vary_name else "", f"K={k}" if vary_k and name in K_ESTIMATORS else "") if p]
+                labels[key] = nice + f" ({', '.join(parts + [_part(f, v) for f, v in fields])})"
+        arms += [Arm(labels[key], base, gpo, vruns) for key, vruns in variants.items()]
     rank = {name: i for i, name in enumerate(ORDER)}
     arms.sort(key=lambda a: (rank.get(a.base, len(ORDER)), a.base, a.gpo, -len(a.runs), a.label))
     return arms
