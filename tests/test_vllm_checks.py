@@ -295,3 +295,19 @@ def test_the_install_command_resolves_to_the_vllm_this_backend_was_written_again
     resolved = {"vllm": ve.VLLM_VERSION, "torch": "2.14.0", "transformers": "5.20.2"}
     assert all(reqs[name].specifier.contains(v) for name, v in resolved.items()), reqs
     assert ve.INSTALL == 'pip install -e ".[vllm]"'
+
+
+def test_the_gpu_integration_tests_engines_pass_the_stand_ins_checks(tmp_path, monkeypatch):
+    """The engines tests/test_vllm_integration.py starts on a GPU, started here against the stand-ins: a
+    setting vLLM would refuse (LoRA in fp32, a max_model_len past the context) fails on the CPU already."""
+    import peft
+
+    import test_vllm_integration as vi
+
+    monkeypatch.setattr(ve, "load_api", vf.fake_api)
+    policy, tok, _ = vi.small_model("cpu", smollm2=False)
+    _, vl = vi.engines(policy, tok, tmp_path / "full", max_new=48)
+    assert vl.generate([[1, 5, 6]], [0], seed=0)[0].ids
+    lora = peft.get_peft_model(policy, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    _, vl = vi.engines(lora, tok, tmp_path / "lora", max_new=24, vllm_dtype="bfloat16")
+    assert vf.FakeLLM.instances[-1].kwargs["enable_lora"] and vl.generate([[1, 5, 6]], [0], seed=0)[0].ids
