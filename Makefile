@@ -10,7 +10,12 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: install run test test-slow bench
+# The tests that touch torch/transformers APIs which move between versions: the HF engine, hub and GGUF
+# loading, log-prob and LoRA paths, a fast_dev_run of each random-init Qwen2 preset, the vLLM unit tests.
+COMPAT_TESTS ?= tests/test_engine.py tests/test_models_hub.py tests/test_real_model_path.py tests/test_lora.py \
+	tests/test_paper_setting.py tests/test_vllm_engine.py tests/test_vllm_sync.py tests/test_vllm_rounds.py tests/test_versions.py
+
+.PHONY: install run test test-slow test-compat bench
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -28,3 +33,15 @@ test: install
 
 test-slow: install
 	$(PY) -m pytest -q -m slow $(ARGS)
+
+# The same code at the edges of the supported range, each in its own virtual environment: the lowest pair
+# (torch 2.11 + transformers 5.17, as GPU images ship it) and the pair vLLM 0.33.0 installs beside itself
+# (torch 2.14 + transformers 5.20). Each pulls a CUDA torch build (~5 GB), so it is not part of `make test`.
+test-compat:
+	@for env in low vllm; do \
+	  echo "== constraints-$$env.txt" && \
+	  { [ -x $(VENV)-$$env/bin/python ] || $(PYTHON) -m venv $(VENV)-$$env; } && \
+	  $(VENV)-$$env/bin/python -m pip install -q $(PIP_ARGS) -c constraints-$$env.txt -e ".[dev]" && \
+	  $(VENV)-$$env/bin/python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" && \
+	  $(VENV)-$$env/bin/python -m pytest -q $(COMPAT_TESTS) $(ARGS) || exit 1; \
+	done

@@ -1,28 +1,26 @@
-"""The run's structured config: fixed-schema sections as dataclasses, swappable groups via registries.
+"""The run's structured config schema: the sections each layer declares, collected into one root.
 
-`gpo`, `trainer`, `logger`, `engine` and `warm_start` have one schema each (below, one comment per
-field), registered with Hydra's ConfigStore so a typo in an override fails at compose time.
-`model`, `benchmark`, `estimator` and `optimizer` change shape with their `name`; `validate`
-merges each onto the dataclass its registry names and checks ranges, so the run stops at start
-with one line naming the bad key.
+`gpo` (rollout), `engine` (rollout) and the run-level `trainer`, `logger` and `warm_start` (declared
+here) have one schema each (one comment per field), registered with Hydra's ConfigStore so a typo in
+an override fails at compose time. `model`, `benchmark`, `estimator` and `optimizer` change shape
+with their `name`: `gpo_exp.training.run_config.validate` merges each onto the dataclass its registry
+names and checks ranges, so the run stops at start with one line naming the bad key.
+
+This module imports only from the layers below training (rollout, models, benchmarks, registry), so
+the training layer can use it without an import circle.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
-from gpo_exp.benchmarks import BENCHMARKS
-from gpo_exp.models.config import ModelConfig
-from gpo_exp.registry import check, to_dataclass
+from gpo_exp.registry import check
 from gpo_exp.rollout.engine import EngineConfig
-from gpo_exp.rollout.estimators import ESTIMATORS
 from gpo_exp.rollout.evaluate import PROTOCOLS
 from gpo_exp.rollout.gpo_round import GPOConfig
-from gpo_exp.training.objectives import OPTIMIZERS
-from gpo_exp.training.warmstart import WarmStartConfig
 
 
 # Lightning strategies a run accepts (names as Lightning's StrategyRegistry spells them).
@@ -85,6 +83,38 @@ class LoggerConfig:
         check(self.mode in ("offline", "online", "disabled"), "logger.mode", self.mode, "offline, online or disabled")
 
 
+TINY_LR = 3e-3  # warm_start.lr=null on a random-init model: fast enough to learn the task in 600 steps
+PRETRAINED_LR = 2e-5  # warm_start.lr=null on a pretrained model: a format-teaching fine-tune that does not damage it
+
+
+@dataclass
+class WarmStartConfig:
+    enabled: Any = "auto"  # auto: on for models built from random weights (tiny), off for pretrained ones | true | false
+    steps: int = 600  # optimizer steps of supervised fine-tuning (600 on arith: 84% greedy, 72% sampled test accuracy)
+    batch_size: int = 64  # sequences per step
+    lr: float | None = None  # peak AdamW learning rate (linear warmup, cosine decay); null: 3e-3 for tiny, 2e-5 for pretrained models
+    warmup_steps: int = 50  # linear warmup steps
+    weight_decay: float = 0.0  # AdamW weight decay
+    max_rows: int | None = None  # use at most this many training rows (None: all)
+    cache_dir: str = "~/.cache/gpo_exp/warmstart"  # where warm-started checkpoints are kept
+    force: bool = False  # retrain even when a cached checkpoint exists
+    seed: int = 0  # seed of initialisation and batch order (separate from the GPO seed on purpose)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.enabled, str) and self.enabled.lower() in ("true", "false"):
+            self.enabled = self.enabled.lower() == "true"
+        check(self.enabled in (True, False, "auto"), "warm_start.enabled", self.enabled, "auto, true or false")
+        check(self.steps >= 0, "warm_start.steps", self.steps, ">= 0")
+        check(self.batch_size >= 1, "warm_start.batch_size", self.batch_size, ">= 1")
+        check(self.lr is None or self.lr > 0, "warm_start.lr", self.lr, "> 0 or null")
+
+    def resolved(self, pretrained: bool) -> WarmStartConfig:
+        """`auto` and a null lr made concrete for a pretrained or a random-init model."""
+        enabled = (not pretrained) if self.enabled == "auto" else bool(self.enabled)
+        lr = self.lr if self.lr is not None else (PRETRAINED_LR if pretrained else TINY_LR)
+        return replace(self, enabled=enabled, lr=lr)
+
+
 @dataclass
 class RunConfig:
     """The root config. Swappable groups are validated by their registries in `validate`."""
@@ -101,23 +131,6 @@ class RunConfig:
     seed: int = 0  # seed of the GPO run (prompt order, sampling, training); the warm start has its own
     name: str = "${arm:${gpo.enabled},${optimizer.name}}"  # the arm's name, e.g. gpo-dpo or dpo
     resume: str | None = None  # a run directory to continue (from its last round checkpoint, with its own config); null: a new run
-
-
-@dataclass
-class Resolved:
-    """Validated dataclass instances for every section."""
-
-    model: ModelConfig
-    benchmark: Any
-    optimizer: Any
-    estimator: Any
-    gpo: GPOConfig
-    trainer: TrainerConfig
-    logger: LoggerConfig
-    engine: EngineConfig
-    warm_start: WarmStartConfig
-    seed: int
-    name: str
 
 
 def arm_name(enabled: Any, optimizer: str) -> str:
@@ -165,21 +178,3 @@ def register_configs() -> None:
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
     ConfigStore.instance().store(name="run_schema", node=RunConfig)
-
-
-def validate(cfg: DictConfig) -> Resolved:
-    """Turn the composed config into validated dataclasses; raises ConfigError with one line."""
-    get = lambda key: OmegaConf.to_container(cfg[key], resolve=True) if cfg.get(key) is not None else {}  # noqa: E731
-    return Resolved(
-        model=to_dataclass(ModelConfig, get("model"), "model"),
-        benchmark=BENCHMARKS.config(get("benchmark")),
-        optimizer=OPTIMIZERS.config(get("optimizer")),
-        estimator=ESTIMATORS.config(get("estimator")),
-        gpo=to_dataclass(GPOConfig, get("gpo"), "gpo"),
-        trainer=to_dataclass(TrainerConfig, get("trainer"), "trainer"),
-        logger=to_dataclass(LoggerConfig, get("logger"), "logger"),
-        engine=to_dataclass(EngineConfig, get("engine"), "engine"),
-        warm_start=to_dataclass(WarmStartConfig, get("warm_start"), "warm_start"),
-        seed=int(cfg.seed),
-        name=str(cfg.name),
-    )

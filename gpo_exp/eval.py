@@ -35,13 +35,12 @@ from omegaconf import DictConfig, OmegaConf
 from gpo_exp import rundir
 from gpo_exp.benchmarks import BENCHMARKS
 from gpo_exp.benchmarks.base import SPLITS
-from gpo_exp.config import LoggerConfig
+from gpo_exp.config import LoggerConfig, WarmStartConfig
 from gpo_exp.models.config import ModelConfig
 from gpo_exp.registry import ConfigError, check, to_dataclass
 from gpo_exp.rollout.engine import EngineConfig, HFRolloutEngine
 from gpo_exp.rollout.evaluate import EVAL_SEED, PROTOCOLS, evaluate, headline_metric
-from gpo_exp.tiny_context import check_fits
-from gpo_exp.training.warmstart import WarmStartConfig
+from gpo_exp.models.tiny_context import check_fits
 
 log = logging.getLogger("gpo_exp")
 

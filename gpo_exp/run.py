@@ -3,7 +3,7 @@
     compose + validate config (before torch is imported) -> refuse a finished run directory
     -> benchmark -> warm-started policy (+ frozen reference)
     -> Lightning fit: one epoch per round, data from GPORoundCallback, a checkpoint per round
-    -> summary.json (status ok | failed | diverged), then the final weights, + table
+    -> summary.json (status ok | no_signal | failed | diverged), then the final weights, + table
 
 `python -m gpo_exp.run resume=<run dir>` continues a killed run from its last round checkpoint, in
 its own directory and with its own config; a rerun into a partial directory with the same config
@@ -27,11 +27,13 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from gpo_exp import rundir
-from gpo_exp.config import Resolved, register_configs, validate
+from gpo_exp.training import rundir
+from gpo_exp.config import register_configs
+from gpo_exp.training.run_config import Resolved, validate
 from gpo_exp.registry import ConfigError
-from gpo_exp.tiny_context import check_fits
+from gpo_exp.models.tiny_context import check_fits
 from gpo_exp.training import distributed
+from gpo_exp.versions import check_versions
 
 log = logging.getLogger("gpo_exp")
 
@@ -82,15 +84,16 @@ def train(cfg: Resolved, run_dir: Path, config: dict[str, Any], overrides: list[
     and no summary.json (the directory stays resumable)."""
     from gpo_exp.benchmarks import BENCHMARKS
     from gpo_exp.models.lora import is_lora
-    from gpo_exp.rollout.backends import build_engine, check_backend
+    from gpo_exp.rollout.backends import build_engine, check_backend, longest_prompt
     from gpo_exp.rollout.evaluate import headline_metric
     from gpo_exp.rollout.estimators import ESTIMATORS
+    from gpo_exp.rollout.gpo_round import check_gpo
     from gpo_exp.rollout.sampler import PolicySampler
     from gpo_exp.training import checkpoint as ckpt
     from gpo_exp.training.datamodule import RolloutDataModule
     from gpo_exp.training.module import PolicyModule
     from gpo_exp.training.objectives import OPTIMIZERS
-    from gpo_exp.training.rounds import Diverged, GPORoundCallback
+    from gpo_exp.training.rounds import Diverged, GPORoundCallback, no_signal_hint
     from gpo_exp.training.policy_setup import build_policy
     import pytorch_lightning as pl
     import torch
@@ -103,7 +106,8 @@ def train(cfg: Resolved, run_dir: Path, config: dict[str, Any], overrides: list[
     if rundir.is_finished(run_dir):
         raise ConfigError(f"run directory {run_dir} already holds a finished run; refusing to overwrite it")
     rank0 = distributed.env_rank() == 0
-    check_backend(cfg.engine, lora_r=cfg.model.lora_r, devices=cfg.trainer.devices)  # engine=vllm without vLLM or a GPU: one line, now
+    check_backend(cfg.engine, lora_r=cfg.model.lora_r, devices=cfg.trainer.devices, model=cfg.model,  # engine=vllm: one line, now
+                  temperatures=[getattr(cfg.estimator, "temperature", None)])
     last = ckpt.latest(run_dir)
     if last is None and rank0:
         ckpt.clear_partial(run_dir)  # killed before its first round checkpoint: start that run over
@@ -115,6 +119,8 @@ def train(cfg: Resolved, run_dir: Path, config: dict[str, Any], overrides: list[
     check_fits(cfg.model, benchmark, [*train_rows, *test_rows])  # before the warm start, not an IndexError in it
 
     objective = OPTIMIZERS.build(asdict(cfg.optimizer))
+    estimator = ESTIMATORS.build(asdict(cfg.estimator)) if cfg.gpo.enabled else None
+    check_gpo(cfg.gpo, estimator)  # settings that need the estimator: refused before the warm start loads
     t0 = time.perf_counter()
     policy, ref, tokenizer, value_head, ws = build_policy(cfg, benchmark, objective)
     ws_s = time.perf_counter() - t0
@@ -123,11 +129,12 @@ def train(cfg: Resolved, run_dir: Path, config: dict[str, Any], overrides: list[
                           gradient_clip_val=cfg.trainer.gradient_clip_val)
     module.strict_loading = False  # resume checkpoints leave out the frozen weights (rebuilt above)
 
+    max_prompt = (longest_prompt(tokenizer, benchmark, [*train_rows, *test_rows], cfg.model.chat_template)
+                  if cfg.engine.backend == "vllm" else None)  # sizes vLLM's KV cache (engine.max_model_len=null)
     engine = build_engine(cfg.engine, policy, tokenizer, benchmark.cfg.max_new_tokens, run_dir / "vllm", seed=cfg.seed,
-                          progress=cfg.trainer.progress_bar and rank0)
+                          progress=cfg.trainer.progress_bar and rank0, max_prompt_len=max_prompt)
     steps = cfg.gpo.steps or benchmark.cfg.steps
     sampler = PolicySampler(engine, tokenizer, benchmark, steps, chat_template=cfg.model.chat_template, seed=cfg.seed)
-    estimator = ESTIMATORS.build(asdict(cfg.estimator)) if cfg.gpo.enabled else None
     dm = RolloutDataModule(objective, tokenizer.pad_token_id, seed=cfg.seed)
     rounds = GPORoundCallback(sampler, estimator, objective, dm, cfg.gpo, train_rows, test_rows,
                               cfg.trainer.eval_samples, run_dir, cfg.seed, keep_checkpoints=cfg.trainer.keep_checkpoints,
@@ -182,6 +189,11 @@ def train(cfg: Resolved, run_dir: Path, config: dict[str, Any], overrides: list[
         if children:  # the next job of a multirun starts its own process group, on a fresh port
             distributed.end_ranks()
 
+    if status == "ok" and rounds.history.rounds and rounds.history.totals["gpo/examples"] == 0:
+        # Nothing was trained: the weights after are the weights before, whatever eval says.
+        accs = [rec["rollout/train_accuracy"] for rec in rounds.history.rounds if "rollout/train_accuracy" in rec]
+        status, extra = "no_signal", {"error": "no round produced a training example",
+                                      "hint": no_signal_hint(sum(accs) / len(accs) if accs else 0.0)}
     summary = {"arm": cfg.name, "status": status, **extra, **rounds.summary(), "time/warmstart_s": ws_s,
                "headline_metric": f"eval/{headline_metric(cfg.trainer.eval_protocol)}_after",  # what report/sweepers read
                "warm_start/source": ws["source"], "train/skipped_batches": module.skipped_batches,
@@ -195,7 +207,7 @@ def train(cfg: Resolved, run_dir: Path, config: dict[str, Any], overrides: list[
     if not trainer.is_global_zero:
         return summary
     rundir.write_json_atomic(run_dir / "summary.json", summary)  # results first: a failed save below loses nothing
-    if status == "ok" and cfg.trainer.save_checkpoint:
+    if status in ("ok", "no_signal") and cfg.trainer.save_checkpoint:
         try:
             # LoRA: save the merged weights, so the checkpoint loads like any HF model (eval, next stage)
             saved = copy.deepcopy(policy).merge_and_unload() if is_lora(policy) else policy
@@ -446,6 +458,9 @@ def run_job(dcfg: DictConfig) -> float:
         raise _Stop(signal_exit_code(summary["signal"]), stop_all=True)
     if rank0:
         print_table(summary, run_dir)
+    if summary["status"] == "no_signal":
+        _error(f"run no_signal: {summary['error']}, so nothing was trained; {summary['hint']}")
+        raise _Stop(3)
     if summary["status"] != "ok":
         _error(f"run {summary['status']}: {summary.get('error')} (round {summary.get('diverged_round')}); "
                f"results so far in {run_dir / 'summary.json'}")
@@ -465,7 +480,13 @@ def main(dcfg: DictConfig) -> float:
 
 def preflight(argv: list[str]) -> None:
     """Before Hydra makes the run directory (its failure is a traceback): can the output location be written?
-    Checks the explicit hydra.run.dir / hydra.sweep.dir, else `outputs/`, by creating it and removing it again."""
+    Checks the explicit hydra.run.dir / hydra.sweep.dir, else `outputs/`, by creating it and removing it again.
+    First of all: are torch and transformers versions this code supports?"""
+    try:
+        check_versions()
+    except ConfigError as e:
+        _error(str(e))
+        sys.exit(2)
     wanted = "outputs"
     for arg in argv:
         key, _, value = arg.partition("=")

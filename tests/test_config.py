@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from gpo_exp.config import validate
+from gpo_exp.training.run_config import validate
 from gpo_exp.registry import ConfigError
 from tests.conftest import CONF_DIR
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from gpo_exp.config import validate
+from gpo_exp.training.run_config import validate
 from gpo_exp.run import apply_fast_dev_run, train
 
 
@@ -147,3 +147,21 @@ def test_testbed_run_logs_the_trap_diagnostics(compose, tmp_path):
     assert 0 <= summary["gpo/critical_is_pivot"] <= 1 and summary["gpo/pivot_n"] > 0
     rounds = [json.loads(line) for line in (tmp_path / "rounds.jsonl").read_text().splitlines()]
     assert "eval/diag/p_mistake" in rounds[0] and rounds[1]["gpo/pivot_n"] == summary["gpo/pivot_n"]
+
+
+def test_a_run_that_trains_on_nothing_says_so_every_round_and_ends_no_signal(compose, tmp_path, caplog):
+    # No warm start: the untrained model never reaches an answer, so no group has a reward difference.
+    with caplog.at_level("WARNING", logger="gpo_exp.training.rounds"):
+        _, summary = _run(compose, tmp_path, ["warm_start.enabled=false"])
+    assert summary["gpo/examples"] == 0
+    assert summary["status"] == "no_signal"
+    assert "train accuracy 0.00" in summary["hint"] and "experiment=smollm2_arith" in summary["hint"]
+    warned = [r.getMessage() for r in caplog.records if "no training examples" in r.getMessage()]
+    assert [w.split(":")[0] for w in warned] == [f"round {r + 1}" for r in range(summary["rounds"])]
+
+
+def test_no_signal_hints_name_what_to_change():
+    from gpo_exp.training.rounds import no_signal_hint
+
+    assert "harder prompts" in no_signal_hint(1.0)
+    assert "samples_per_prompt" in no_signal_hint(0.4) and "0.40" in no_signal_hint(0.4)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from gpo_exp.config import validate
+from gpo_exp.training.run_config import validate
 from gpo_exp.models.config import ModelConfig
 from gpo_exp.models.lora import AdapterOffReference, apply_lora, is_lora
 from gpo_exp.models.tiny import char_tokenizer, tiny_model

@@ -92,6 +92,30 @@ def test_offline_unknown_hub_id_fails_fast(monkeypatch: pytest.MonkeyPatch) -> N
     assert "\n" not in msg and "'nobody-xyz/not-a-model-123'" in msg and "local directory" in msg
 
 
+def test_unreachable_hub_fails_fast_without_offline_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    """HF_HUB_OFFLINE unset and the hub unreachable (a closed loopback port): one line in seconds, not a
+    minute of transformers' retries."""
+    import socket
+
+    from gpo_exp.benchmarks import hub as bench_hub
+    from gpo_exp.models import hub as models_hub
+
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HTTPS_PROXY", "https_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(models_hub.hf_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    bench_hub._reachable.cache_clear()
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError) as e:
+        load_hub(ModelConfig(source="hub", path="Qwen/Qwen2.5-0.5B-Instrct"))
+    assert time.perf_counter() - t0 < 5
+    msg = str(e.value)
+    assert "\n" not in msg and "'Qwen/Qwen2.5-0.5B-Instrct'" in msg and "cannot be reached" in msg
+
+
 def test_missing_local_dir_and_package_fail(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no such directory"):
         load_hub(ModelConfig(source="hub", path=str(tmp_path / "nope")))

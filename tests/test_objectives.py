@@ -370,7 +370,7 @@ def test_pair_ends_mask_both_sides_and_precompute_agrees(models, name):
     from gpo_exp.training.batching import score_sequences
 
     policy, ref = models
-    obj = build(name)
+    obj = build(name, loss_mask="completion")  # the prefix "b" is trained too
     examples = obj.make_examples([G2], 8, random.Random(0), 1)  # chosen "9+1=b1", rejected "9+1=b10"
     for e in examples:
         e["chosen_end"], e["rejected_end"] = len(e["chosen"]), len(e["rejected"]) - 1  # drop rejected's "0"

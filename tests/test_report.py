@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from gpo_exp.report import build_report, main, summarize, t_quantile, welch_diff
-from gpo_exp.report_plots import critical_step_fractions, estimator_values, round_curves
+from gpo_exp.report.plots import critical_step_fractions, estimator_values, round_curves
 
 ROOT = Path(__file__).resolve().parents[1]
 DPO = [0.50, 0.52, 0.54]
@@ -221,3 +221,67 @@ def test_wandb_without_network_fails_in_one_line(capsys: pytest.CaptureFixture[s
     assert main(["--wandb-project", "nobody/nothing"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("could not read wandb project 'nobody/nothing': ") and err.count("\n") == 1
+
+
+def test_labels_skip_keys_only_some_arms_have(tmp_path: Path) -> None:
+    """mc next to adaptive: adaptive's own fields are implied by its name, not spelled out as `grow=null`."""
+    _write_run(tmp_path, "mc", opt="dpo", gpo=True, seed=0, acc=0.5, est="mc", k=4)
+    _write_run(tmp_path, "ad", opt="dpo", gpo=True, seed=0, acc=0.6, est="adaptive", k=4,
+               est_fields={"grow": False, "batch": 2, "prior": "confidence"})
+    _write_run(tmp_path, "ad_grow", opt="dpo", gpo=True, seed=0, acc=0.7, est="adaptive", k=4,
+               est_fields={"grow": True, "batch": 2, "prior": "confidence"})
+    rep = build_report(tmp_path, metric="eval/accuracy_after")
+    assert sorted(a.label for a in rep.arms) == ["GPO-DPO (adaptive, grow=False)", "GPO-DPO (adaptive, grow=True)",
+                                                 "GPO-DPO (mc)"]
+
+
+def test_labels_stay_distinct_when_only_a_missing_key_differs(tmp_path: Path) -> None:
+    _write_run(tmp_path, "old", opt="dpo", gpo=False, seed=0, acc=0.5)
+    _write_run(tmp_path, "new", opt="dpo", gpo=False, seed=0, acc=0.6, extra={})
+    cfg_new = json.loads((tmp_path / "new" / "summary.json").read_text())
+    cfg_new["config"]["gpo"]["mix"] = 0.5
+    (tmp_path / "new" / "summary.json").write_text(json.dumps(cfg_new))
+    rep = build_report(tmp_path, metric="eval/accuracy_after")
+    assert sorted(a.label for a in rep.arms) == ["DPO (gpo.mix=0.5)", "DPO (gpo.mix=unset)"]
+
+
+def test_one_visual_grammar(report) -> None:
+    """Colour = optimizer, line style and marker = GPO or baseline, the same in every figure."""
+    from gpo_exp.report.style import BASE_LINE, BASE_MARKER, GPO_LINE, GPO_MARKER, styles
+
+    import colorsys
+
+    st = styles(report.arms)
+    hue = lambda label: round(colorsys.rgb_to_hsv(*st[label].color)[0], 3)  # noqa: E731
+    assert hue("DPO") == hue("GPO-DPO (mc)") == hue("GPO-DPO (bisect)") != hue("KTO") == hue("GPO-KTO")
+    assert (st["DPO"].linestyle, st["DPO"].marker) == (BASE_LINE, BASE_MARKER) == ("--", "s")
+    assert (st["GPO-DPO (mc)"].linestyle, st["GPO-DPO (mc)"].marker) == (GPO_LINE, GPO_MARKER) == ("-", "o")
+    assert st["GPO-DPO (mc)"].color != st["GPO-DPO (bisect)"].color  # two GPO-DPO arms: two shades of DPO's colour
+    widths = [st[a.label].linewidth for a in report.arms]  # coinciding arms stay visible: earlier ones drawn wider
+    assert widths == sorted(widths, reverse=True) and len(set(widths)) == len(widths)
+    assert len({st[a.label].dodge for a in report.arms}) == len(report.arms)
+
+
+def test_figures_draw_without_layout_warnings(report, tmp_path: Path) -> None:
+    import warnings
+
+    from gpo_exp.report.plots import plot_all
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        written = plot_all(report.arms, tmp_path, "eval/accuracy_after")
+    assert [p.name for p in written] == ["accuracy_vs_round.png", "critical_steps.png", "rollout_cost.png"]
+    assert [str(w.message) for w in caught] == []
+
+
+def test_equal_token_curves_step_at_evaluations_only() -> None:
+    """The mean step curve has a point where a run evaluated and at the common end, nowhere else."""
+    from gpo_exp.report.compare import arm_token_curve
+    from gpo_exp.report.types import Arm, Run
+
+    runs = [Run("a", {}, {}), Run("b", {}, {})]
+    curves = {id(runs[0]): [(0, 0.0, 0.2), (1, 100.0, 0.4), (2, 250.0, 0.6)],
+              id(runs[1]): [(0, 0.0, 0.2), (1, 150.0, 0.5), (2, 200.0, 0.7)]}
+    grid, mean, _ = arm_token_curve(Arm("X", "dpo", False, runs), curves)
+    assert grid == [0.0, 100.0, 150.0, 200.0]
+    assert mean == pytest.approx([0.2, 0.3, 0.45, 0.55])

@@ -6,7 +6,7 @@ import math
 import pytest
 
 from gpo_exp.report import Run, group_arms, report_from_runs, t_quantile
-from gpo_exp.report_compare import auc_tokens, compare, paired_diff, value_at_tokens
+from gpo_exp.report.compare import auc_tokens, compare, paired_diff, value_at_tokens
 
 PTS = [(0, 0.0, 0.2), (1, 100.0, 0.4), (2, 300.0, 0.6)]
 

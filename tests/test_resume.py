@@ -232,7 +232,7 @@ def test_a_config_error_is_one_line_and_leaves_no_directory(tmp_path):
 
 def test_config_validation_imports_neither_transformers_nor_lightning():
     """What makes a config error fast: run.py validates before the heavy imports."""
-    code = ("import sys, gpo_exp.run; from gpo_exp.config import validate; "
+    code = ("import sys, gpo_exp.run; from gpo_exp.training.run_config import validate; "
             "print(sorted(m for m in ('transformers', 'pytorch_lightning', 'peft', 'wandb') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "[]", out.stderr[-2000:]

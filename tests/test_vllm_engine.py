@@ -51,7 +51,7 @@ def engine(tmp_path: Path, policy=None, **cfg) -> VLLMRolloutEngine:
 
 # --- config and the one-line refusals -----------------------------------------------------------------
 def test_engine_vllm_composes_and_validates(compose):
-    from gpo_exp.config import validate
+    from gpo_exp.training.run_config import validate
 
     cfg = validate(compose(["engine=vllm", "engine.gpu_memory_utilization=0.5", "engine.sleep_mode=true"]))
     assert cfg.engine.backend == "vllm" and cfg.engine.gpu_memory_utilization == 0.5 and cfg.engine.sleep_mode
@@ -59,7 +59,7 @@ def test_engine_vllm_composes_and_validates(compose):
 
 
 def test_config_validation_imports_neither_vllm_nor_the_backend():
-    code = ("import sys; from gpo_exp.config import validate, register_configs; from omegaconf import OmegaConf; "
+    code = ("import sys; from gpo_exp.config import register_configs; from gpo_exp.training.run_config import validate; from omegaconf import OmegaConf; "
             "from gpo_exp.registry import to_dataclass; from gpo_exp.rollout.engine import EngineConfig; "
             "assert to_dataclass(EngineConfig, {'backend': 'vllm'}, 'engine').backend == 'vllm'; "
             "print(sorted(m for m in sys.modules if m == 'vllm' or m.startswith(('vllm.', 'gpo_exp.rollout.vllm'))))")
@@ -242,14 +242,14 @@ def test_missing_or_short_log_probs_are_errors():
 
 # --- the engine and its weight syncs --------------------------------------------------------------------
 def test_llm_arguments(tmp_path):
-    eng = engine(tmp_path, gpu_memory_utilization=0.4, sleep_mode=True, vllm_dtype="float32", max_model_len=128)
+    eng = engine(tmp_path, gpu_memory_utilization=0.4, sleep_mode=True, vllm_dtype="float32", max_model_len=48)
     eng.follow_policy(eng.policy, 0)
     kw = vf.FakeLLM.instances[0].kwargs
     assert kw["enable_prefix_caching"] is True and kw["logprobs_mode"] == "raw_logprobs"
-    assert kw["skip_tokenizer_init"] is True and kw["dtype"] == "float32" and kw["max_model_len"] == 128
+    assert kw["skip_tokenizer_init"] is True and kw["dtype"] == "float32" and kw["max_model_len"] == 48
     assert kw["gpu_memory_utilization"] == 0.4 and kw["enable_sleep_mode"] is True and kw["tensor_parallel_size"] == 1
     assert "enable_lora" not in kw and "distributed_executor_backend" not in kw
-    assert vf.FakeLLM.instances[0].model_files == ["config.json", "model.safetensors"]  # the snapshot vLLM starts from
+    assert vf.FakeLLM.instances[0].model_files == ["config.json", "generation_config.json", "model.safetensors"]  # the snapshot vLLM starts from
     assert not (tmp_path / "vllm" / "model").exists()  # removed once loaded
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from omegaconf import OmegaConf
 
-from gpo_exp.config import validate
+from gpo_exp.training.run_config import validate
 from gpo_exp.rollout import backends
 from gpo_exp.rollout.engine import HFRolloutEngine
 from gpo_exp.run import apply_fast_dev_run, train
@@ -33,7 +33,8 @@ def test_the_engine_follows_the_policy_at_fit_start_and_after_each_round(compose
     made = []
     build = backends.build_engine
 
-    def recording(cfg, policy, tokenizer, default_max_new_tokens, work_dir, seed=0, progress=False):
+    def recording(cfg, policy, tokenizer, default_max_new_tokens, work_dir, seed=0, progress=False, max_prompt_len=None):
+        assert max_prompt_len is None  # the HF engine needs no KV-cache size
         base = build(cfg, policy, tokenizer, default_max_new_tokens, work_dir, seed, progress)
         made.append(RecordingEngine(base.model, base.eos_id, base.pad_id, base.cfg, base.default_max_new_tokens))
         return made[-1]

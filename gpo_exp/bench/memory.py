@@ -17,9 +17,10 @@ logits alone would exceed --max-old-gb are skipped and say so (they would only s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing as mp
 import os
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -39,6 +40,22 @@ def old_token_logps(model: Any, input_ids: torch.Tensor, attention_mask: torch.T
     return torch.nn.functional.pad(logps, (1, 0)), None
 
 
+@contextlib.contextmanager
+def logprob_path(path: str) -> Iterator[None]:
+    """`batching.token_logps` is the old implementation inside (path "old"), and what it was before
+    afterwards, whatever happens inside: a GPU measures in-process, so a later "new" figure must not
+    run the old path. `sequence_logps` looks the function up at call time."""
+    from gpo_exp.training import batching
+
+    saved = batching.token_logps
+    if path == "old":
+        batching.token_logps = old_token_logps
+    try:
+        yield
+    finally:
+        batching.token_logps = saved
+
+
 def _rss_kb(field: str) -> int:
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(field))
@@ -53,18 +70,22 @@ def _model(vocab: int, args: argparse.Namespace, length: int, device: torch.devi
         num_attention_heads=max(args.hidden // 64, 2), num_key_value_heads=max(args.hidden // 256, 1),
         tie_word_embeddings=False)
     conf = Qwen2Config(vocab_size=vocab, max_position_embeddings=length + 1, **shape)
-    model = Qwen2ForCausalLM(conf).to(device)
+    with torch.device(device):  # initialised where it runs: a 1.5B model in a second on a GPU, not a CPU minute
+        model = Qwen2ForCausalLM(conf)
     return model.to(torch.bfloat16) if args.bf16 else model
 
 
 def measure(vocab: int, length: int, path: str, op: str, args: argparse.Namespace) -> float:
     """Peak MB beyond the weights for one (vocabulary, length, path, operation), in this process."""
+    with logprob_path(path):
+        return _measure(vocab, length, op, args)
+
+
+def _measure(vocab: int, length: int, op: str, args: argparse.Namespace) -> float:
     from gpo_exp.training import batching
     from gpo_exp.training.objectives import OPTIMIZERS
 
     device = torch.device(args.device)
-    if path == "old":
-        batching.token_logps = old_token_logps  # sequence_logps looks it up at call time
     model = _model(vocab, args, length, device)
     ids = torch.randint(0, vocab, (max(2, args.score_seqs), length), generator=torch.Generator().manual_seed(1))
     if device.type == "cuda":

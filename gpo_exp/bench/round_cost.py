@@ -12,7 +12,7 @@ trajectory, L (n - i) / n tokens, and a reset step is uniform over the n steps):
   estimation    per explored trajectory ((1-p) P N of them with explore=failed), prefixes 1..n-1:
                   mc          K L (n-1)/2
                   bisect      K draws at each of ceil(log2 n) midpoints (~L/2 each)
-                  adaptive    the confidence prior's hypothesis holding (0.91 on tiny, README): a live probe
+                  adaptive    the confidence prior's hypothesis holding (0.91 on tiny, docs/testbed.md): a live probe
                               (~1/p draws) and a dead one (its risk-calibrated cap) at ~L/2 each
                   random, confidence   0
                 plus, for mc and bisect, the prompt's K - (N-1) draws (siblings are free draws from it) once
@@ -155,7 +155,8 @@ def measured_round(run_dir: Path) -> dict[str, Any]:
 def _compose(overrides: Sequence[str]) -> Any:
     from hydra import compose, initialize_config_dir
 
-    from gpo_exp.config import register_configs, validate
+    from gpo_exp.config import register_configs
+    from gpo_exp.training.run_config import validate
 
     register_configs()
     with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[2] / "conf"), version_base="1.3"):
@@ -201,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.from_run is not None:  # the run's own resolved config, and the assumptions its round 1 measured
         from omegaconf import OmegaConf
 
-        from gpo_exp.config import validate
+        from gpo_exp.training.run_config import validate
 
         m = measured_round(args.from_run)
         cfg = validate(OmegaConf.create(m["config"]))

@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> dict:
     from hydra import compose, initialize_config_dir
 
     from gpo_exp.benchmarks import BENCHMARKS
-    from gpo_exp.config import register_configs, validate
+    from gpo_exp.config import register_configs
+    from gpo_exp.training.run_config import validate
     from gpo_exp.rollout.diagnostics import eval_diagnostics
     from gpo_exp.rollout.engine import HFRolloutEngine
     from gpo_exp.rollout.evaluate import evaluate
@@ -69,6 +70,7 @@ def round_cost(cfg, sampler, bench, arms: list[str], key: str) -> dict:
 
     from gpo_exp.rollout.estimators import ESTIMATORS
     from gpo_exp.rollout.gpo_round import collect_round
+    from gpo_exp.training.examples import round_examples
     from gpo_exp.training.objectives import OPTIMIZERS
 
     rows = random.Random(cfg.seed * 100_003 + 1).sample(bench.load("train"), cfg.gpo.prompts_per_round)
@@ -83,7 +85,7 @@ def round_cost(cfg, sampler, bench, arms: list[str], key: str) -> dict:
             gen0, tok0, t0 = engine.stats.generated, engine.stats.generated_tokens, time.perf_counter()
             sampler.seed = cfg.seed * 1_000_003 + 1
             data = collect_round(rows, sampler, est, gpo, seed=sampler.seed)
-            examples = objective.make_examples(data.groups, gpo.examples_per_round, random.Random(0), gpo.pairs_per_group)
+            examples, _ = round_examples(objective, data.groups, gpo, random.Random(0))
             secs = time.perf_counter() - t0
         s = data.stats
         out["arms"][name] = {"seconds": round(secs, 2), "examples": len(examples),

@@ -52,7 +52,7 @@ class ArithConfig(BenchmarkConfig):
     value_max: int = 99  # running values stay in 0..value_max (operations are redrawn otherwise)
     sizes: dict[str, int] = field(default_factory=lambda: {"train": 20000, "val": 200, "test": 300})  # rows per split
     max_new_tokens: int = 64  # a solution is at most ~50 characters
-    steps: StepsConfig = field(default_factory=lambda: StepsConfig(delimiters=["\n"], min_tokens=1, max_steps=30))
+    steps: StepsConfig = field(default_factory=lambda: StepsConfig(delimiters=["\n"], min_tokens=1, max_steps=30))  # one step per line of the chain
     trap: str = "none"  # noisy teacher's planted mistake on train solutions: none | sign (-x as +x) | mul (*x as *(x+1))
     trap_p: float = 0.5  # probability that the teacher makes the planted mistake at a trap step
     trap_from: int = 1  # earliest line index of a trap step

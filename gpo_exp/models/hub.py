@@ -43,6 +43,11 @@ def load_hub(cfg: ModelConfig, device: torch.device | None = None) -> tuple[PreT
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.dtype], trust_remote_code=False,
                                                      **({"device_map": {"": str(device)}} if on_gpu else {}))
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except OSError as e:  # a hub id the hub does not have (a typo, a gated or private repo)
+        if cfg.source != "hub" or os.path.isdir(path):
+            raise
+        raise ConfigError(f"bad config model.path={cfg.path!r}: not a model the hub serves to you (a typo, or a "
+                          f"gated/private repo): {str(e).splitlines()[0][:200]}") from None
     except ValueError as e:
         if "trust_remote_code" not in str(e):
             raise
@@ -125,9 +130,19 @@ def _resolve_hub_path(cfg: ModelConfig) -> str:
     looks_local = os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1
     if looks_local:
         raise ConfigError(f"bad config model.path={path!r}: no such directory")
-    if _offline() and not _in_hf_cache(path):
+    if _in_hf_cache(path):
+        return path
+    if _offline():
         raise ConfigError(f"bad config model.path={path!r}: hub id not in the local HF cache and HF_HUB_OFFLINE "
                           f"is set; download it first or pass a local directory (model.path=/path/to/model)")
+    # Not cached and not declared offline: probe the hub once (seconds) rather than let transformers retry
+    # an unreachable host for a minute, printing every attempt.
+    from gpo_exp.benchmarks.hub import hub_offline_reason
+
+    reason = hub_offline_reason()
+    if reason:
+        raise ConfigError(f"bad config model.path={path!r}: hub id not in the local HF cache and the hub cannot be "
+                          f"reached ({reason}); download it where the hub is reachable, or pass a local directory")
     return path
 
 

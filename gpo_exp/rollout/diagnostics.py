@@ -67,7 +67,8 @@ def failure_class(benchmark: Any, steps: Sequence[str], row: dict[str, Any]) -> 
 def pivot_agreement(trajs: Sequence[Trajectory], locs: Sequence[Localization], classes: Sequence[str]
                     ) -> tuple[int, int]:
     """(hits, n): failed trajectories whose first error is the trap, and how many have critical == pivot."""
-    pairs = [(t, loc) for t, loc, c in zip(trajs, locs, classes, strict=True) if c == "trap" and t.reward <= 0]
+    pairs = [(t, loc) for t, loc, c in zip(trajs, locs, classes, strict=True) if c == "trap" and t.reward <= 0
+             and loc.status != "skipped"]  # trajectories left unlocalised (gpo.max_token_ratio) are not misses
     return sum(loc.critical == t.first_error for t, loc in pairs), len(pairs)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, Sequence
 
@@ -27,6 +28,7 @@ from gpo_exp.registry import check
 
 _MASK32 = 0xFFFFFFFF
 VLLM_DTYPES = ("bfloat16", "float16", "float32", "auto")
+ENGINE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -38,12 +40,17 @@ class EngineConfig:
     max_new_tokens: int | None = None  # None: the benchmark's max_new_tokens
     sort_by_length: bool = True  # bucket requests by prefix length so batches are densely packed (hf only)
     dedup: bool = True  # generate identical (prefix, sample index) requests once
+    kv_cache: str = "static"  # hf only. static: preallocated for prefix + max_new_tokens, written in place (transformers' StaticCache) | dynamic: DynamicCache, grown by concatenation every token
+    sync_every: int = 8  # hf only: decoding steps between host checks for finished rows (each check waits for the device); 1: every step
+    compact_below: float = 0.5  # hf only: at a check, drop finished rows from the batch (one copy of the KV cache) once at most this share still runs; 0: never, 1: whenever a row finished
+    dtype: str = "auto"  # hf only: dtype the engine computes in: auto (the policy's) | float32 | bfloat16 | float16; below the weights' dtype it autocasts (weights cast once per batch; sampling and log-probs in fp32)
+    compile: bool = False  # hf only: torch.compile the decode step (needs kv_cache=static; on the CPU a C++ compiler); compaction is then off, as every batch size is a new graph
     # engine.backend=vllm only (rollout/vllm_engine.py):
     gpu_memory_utilization: float = 0.3  # share of the GPU's memory vLLM reserves for its weights and KV cache; the rest stays with the trainer on the same GPU
     sleep_mode: bool = False  # free vLLM's GPU memory while the policy trains (LoRA: weights parked in CPU memory; full fine-tuning: dropped, then re-sent from the policy), at the cost of a wake-up per round
     tensor_parallel_size: int = 1  # GPUs one vLLM engine shards the model over; with trainer.devices > 1 every rank runs its own engine, so 1
     vllm_dtype: str = "bfloat16"  # dtype of vLLM's weights and activations: bfloat16 | float16 | float32 | auto (the checkpoint's)
-    max_model_len: int | None = None  # longest prefix + completion vLLM's KV cache must hold; null: the model's max_position_embeddings
+    max_model_len: int | None = None  # longest sequence vLLM's KV cache must hold; null: the run's longest prompt + 2 x max_new_tokens (a continuation of the longest prefix), capped at the model's context
     enforce_eager: bool = False  # no CUDA graphs in vLLM: a faster engine start, slower decoding
     lora_sync: str = "adapter"  # LoRA policies: adapter (save it, a new LoRARequest each round) | merged (merge it into the base weights, load those in place: no LoRA kernels while decoding)
     allow_other_vllm: bool = False  # run on an installed vLLM other than the version this backend was written against (0.33.0), with a warning instead of stopping
@@ -55,6 +62,12 @@ class EngineConfig:
         check(0 < self.top_p <= 1, "engine.top_p", self.top_p, "in (0, 1]")
         check(self.max_new_tokens is None or self.max_new_tokens >= 1, "engine.max_new_tokens",
               self.max_new_tokens, ">= 1 or null")
+        check(self.kv_cache in ("static", "dynamic"), "engine.kv_cache", self.kv_cache, "static or dynamic")
+        check(self.sync_every >= 1, "engine.sync_every", self.sync_every, ">= 1")
+        check(0 <= self.compact_below <= 1, "engine.compact_below", self.compact_below, "in [0, 1]")
+        check(self.dtype in ENGINE_DTYPES, "engine.dtype", self.dtype, f"one of {', '.join(ENGINE_DTYPES)}")
+        check(not self.compile or self.kv_cache == "static", "engine.compile", self.compile,
+              "false with engine.kv_cache=dynamic (a compiled step needs the static cache's fixed shapes)")
         check(0 < self.gpu_memory_utilization <= 1, "engine.gpu_memory_utilization", self.gpu_memory_utilization,
               "in (0, 1]")
         check(self.tensor_parallel_size >= 1, "engine.tensor_parallel_size", self.tensor_parallel_size, ">= 1")
@@ -90,6 +103,15 @@ class RolloutEngine(Protocol):
         carries its tokens' log-probs under the untempered model (vLLM: `logprobs=0`); the confidence
         prior of the estimators reads them."""
         ...
+
+
+def kv_cache_arg() -> str:
+    """The name under which HF causal LMs take and return their KV cache: `cache` from transformers 5.24
+    on, `past_key_values` before (5.24 still accepts the old name, with a deprecation warning)."""
+    import transformers
+    from packaging.version import Version
+
+    return "cache" if Version(transformers.__version__).release >= (5, 24) else "past_key_values"
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
@@ -164,25 +186,78 @@ def uniform_at(keys: torch.Tensor, step: int) -> torch.Tensor:
     return (_mix32(h ^ (keys & _MASK32)).to(torch.float64) + 0.5) / 2**32
 
 
+def cdf_block(n: int) -> int:
+    """Columns per block of the blocked CDF search: the largest power of two up to 256 dividing n (so the
+    row is a free view), or 256 with zero padding when that is below 64 (e.g. GPT-2's 50257)."""
+    b = 256
+    while n % b:
+        b //= 2
+    return b if b >= 64 else 256
+
+
+def search_cdf(probs: torch.Tensor, target: torch.Tensor, right: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of `probs` (B, n): the first column whose CDF value exceeds `target` (right=True) or reaches
+    it (right=False), and that CDF value (float64). Column order is the CDF's order; a zero-probability
+    column is never returned for a target below the row's total.
+
+    Up to 1024 columns this is one float64 cumulative sum. Wider rows (a vocabulary) take float64 block
+    sums, their cumulative sum (n / block entries), and a cumulative sum inside the one block holding
+    the target, so no scan runs over every column. Its CDF values differ from the sequential sum's
+    only by float64 rounding (~1e-14), so the token found is the same but for a target that close to a
+    boundary.
+    """
+    B, n = probs.shape
+    tgt = target.to(torch.float64)[:, None]
+    if n <= 1024:
+        cdf = probs.double().cumsum(-1)
+        i = torch.searchsorted(cdf, tgt, right=right).clamp(max=n - 1)
+        return i.squeeze(1), cdf.gather(-1, i).squeeze(1)
+    bs = cdf_block(n)
+    nb = -(-n // bs)
+    blocks = (probs if nb * bs == n else torch.nn.functional.pad(probs, (0, nb * bs - n))).view(B, nb, bs)
+    bsum = blocks.sum(-1, dtype=torch.float64)
+    bcdf = bsum.cumsum(-1)
+    b = torch.searchsorted(bcdf, tgt, right=right).clamp(max=nb - 1)  # (B, 1): the block holding the target
+    before = torch.cat([bcdf.new_zeros(B, 1), bcdf[:, :-1]], dim=1).gather(-1, b)
+    blk = blocks.gather(1, b[:, :, None].expand(B, 1, bs)).squeeze(1)
+    cdf = before + blk.double().cumsum(-1)
+    j = torch.searchsorted(cdf, tgt, right=right)
+    # A target past the block's own sum (rounding between the two summation orders) takes its last
+    # nonzero column, never a zero-probability one after it.
+    col = torch.arange(bs, device=probs.device)
+    last_nz = torch.where(blk > 0, col, torch.zeros_like(col)).amax(-1, keepdim=True)
+    j = torch.minimum(j, last_nz)
+    return (b * bs + j).squeeze(1), cdf.gather(-1, j).squeeze(1)
+
+
+def nucleus_candidates(probs: torch.Tensor, top_p: float) -> int:
+    """How many of the highest probabilities to sort so that every row's top-p nucleus is among them.
+
+    On the CPU a partial sort of 64, else 1024, usually holds it; checking that reads a value back,
+    which costs nothing there. On an accelerator that read would stall the device every step, so
+    the whole row is sorted instead (a segmented sort there costs a small part of a decoding step).
+    """
+    V = probs.shape[-1]
+    if probs.device.type != "cpu":
+        return V
+    for k in (64, 1024):
+        if k < V and bool((probs.topk(k, -1).values.sum(-1, dtype=torch.float64) >= top_p).all()):
+            return k
+    return V
+
+
 def inverse_cdf(scores: torch.Tensor, u: torch.Tensor, top_p: float) -> torch.Tensor:
     """The token whose CDF interval holds u, under softmax(scores) restricted to the top-p nucleus
     (the smallest highest-probability set whose mass reaches top_p); zero-probability tokens never win."""
     probs = scores.softmax(-1)
     order = None
-    if top_p < 1.0:  # the nucleus is usually in the top few dozen tokens: a partial sort finds it
-        for k in (64, 1024, probs.shape[-1]):
-            top, order = probs.topk(min(k, probs.shape[-1]), -1)  # sorted, descending
-            if k >= probs.shape[-1] or bool((top.double().sum(-1) >= top_p).all()):
-                break
-        probs = top
-    cdf = probs.double().cumsum(-1)
-    if top_p < 1.0:  # the nucleus ends at the first token whose CDF reaches top_p
-        last = torch.searchsorted(cdf, torch.full_like(cdf[:, :1], top_p)).clamp(max=cdf.shape[-1] - 1)
-        mass = cdf.gather(-1, last)
+    if top_p < 1.0:  # the nucleus ends at the first sorted token whose CDF reaches top_p
+        probs, order = probs.topk(nucleus_candidates(probs, top_p), -1)  # sorted, descending
+        _, mass = search_cdf(probs, torch.full_like(u, top_p), right=False)
     else:
-        mass = cdf[:, -1:]
-    idx = torch.searchsorted(cdf, u[:, None] * mass, right=True).clamp(max=cdf.shape[-1] - 1)
-    return (order.gather(-1, idx) if order is not None else idx).squeeze(-1)
+        mass = probs.sum(-1, dtype=torch.float64)
+    idx, _ = search_cdf(probs, u * mass, right=True)
+    return order.gather(-1, idx[:, None]).squeeze(-1) if order is not None else idx
 
 
 def choose_tokens(logits: torch.Tensor, keys: torch.Tensor, step: int, temperature: float, top_p: float,
@@ -213,8 +288,11 @@ class HFRolloutEngine:
     """Generation with any HF causal LM: left-padded buckets, explicit position ids, a KV cache.
 
     Within a batch, identical prefixes (the K samples of one prefix) are prefilled once and their KV
-    cache is copied to the K rows, and rows that have finished are compacted out of the batch, so
-    late decoding steps only compute the rows still running.
+    cache is copied to the K rows. The cache is preallocated for prefix + max_new_tokens and written
+    in place (`kv_cache=static`), so a step copies nothing. Finished rows are found on the device;
+    the host looks every `sync_every` steps, stops when all rows have finished, and compacts the
+    finished rows out of the batch (one copy of the cache) once at most `compact_below` of it runs.
+    Between checks finished rows keep decoding; their tokens after eos are dropped.
     """
 
     model: PreTrainedModel
@@ -256,55 +334,128 @@ class HFRolloutEngine:
         self.stats.seconds += time.perf_counter() - t0
         return out
 
+    def _compute_dtype(self) -> torch.dtype | None:
+        """The dtype to autocast to, or None to run in the weights' own dtype."""
+        weights = next(self.model.parameters()).dtype
+        if self.cfg.dtype == "auto" or getattr(torch, self.cfg.dtype) == weights:
+            return None
+        want = getattr(torch, self.cfg.dtype)
+        if want.itemsize > weights.itemsize:
+            from gpo_exp.registry import ConfigError
+
+            raise ConfigError(f"bad config engine.dtype={self.cfg.dtype!r}: the policy's weights are {weights}, and "
+                              f"autocast only lowers precision (use auto or a dtype no wider than the weights')")
+        return want
+
+    def _new_cache(self, width: int, amp: torch.dtype | None):  # -> transformers Cache
+        from transformers import DynamicCache, StaticCache
+
+        if self.cfg.kv_cache == "static":
+            cache = StaticCache(config=self.model.config, max_cache_len=width)
+        else:
+            cache = DynamicCache(config=self.model.config)
+        if amp is not None:
+            # Under autocast, rotary embeddings hand keys over in fp32 and values in the autocast dtype;
+            # transformers < 5.24 sizes both static buffers from the keys and then fails to copy the values.
+            # Store both in the autocast dtype, which the attention casts them to anyway.
+            for layer in cache.layers:
+                layer.update = (lambda k, v, *a, _update=layer.update, **kw:
+                                _update(k.to(amp), v.to(amp), *a, **kw))
+        return cache
+
+    @staticmethod
+    def _select_rows(cache, rows: torch.Tensor) -> None:
+        """Keep (and repeat) the cache's batch rows `rows`, for every layer."""
+        for layer in cache.layers:
+            if getattr(layer, "keys", None) is not None and layer.keys.numel() > 0:
+                layer.keys = layer.keys.index_select(0, rows)
+                layer.values = layer.values.index_select(0, rows)
+
+    def _step_fn(self):
+        """The decode step: (tokens, positions, mask, cache) -> last-position logits; compiled once on request."""
+        arg = kv_cache_arg()
+
+        def step(tok: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
+            out = self.model(input_ids=tok[:, None], attention_mask=mask, position_ids=pos[:, None], use_cache=True,
+                             **{arg: cache})
+            return out.logits[:, -1]
+
+        if not self.cfg.compile:
+            return step
+        if getattr(self, "_compiled", None) is None:
+            self._compiled = torch.compile(step, dynamic=True)
+        return self._compiled
+
     @torch.no_grad()
     def _generate_batch(self, prefixes: list[tuple[int, ...]], keys: list[int], limit: int,
                         greedy: bool, temperature: float) -> list[Generation]:
         device = self.model.device
-        # Prefill each distinct prefix once, then give every request row a copy of its prefix's cache.
-        uniq: dict[tuple[int, ...], int] = {}
-        src = [uniq.setdefault(p, len(uniq)) for p in prefixes]
-        U, L = len(uniq), max(len(p) for p in uniq)
-        ids = torch.full((U, L), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((U, L), dtype=torch.long)
-        for r, p in enumerate(uniq):  # left padding: every row's next token sits at column L
-            ids[r, L - len(p):] = torch.tensor(p, dtype=torch.long)
-            mask[r, L - len(p):] = 1
-        ids, mask = ids.to(device), mask.to(device)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-        cache, logits = out.cache, out.logits[:, -1]
-        rows = torch.tensor(src, dtype=torch.long, device=device)
-        if U < len(prefixes):
-            cache.batch_select_indices(rows)
-        logits, mask, next_pos = logits[rows], mask[rows], pos[rows, -1] + 1
-        key_t = torch.tensor(keys, dtype=torch.int64, device=device)
-        live = torch.arange(len(prefixes), device=device)  # batch row -> request index, for rows still running
-        toks = torch.full((len(prefixes), limit), self.pad_id, dtype=torch.long, device=device)
-        lps = torch.zeros((len(prefixes), limit), dtype=torch.float32, device=device)
-        for t in range(limit):
-            tok = choose_tokens(logits, key_t, t, temperature, self.cfg.top_p, greedy)
-            toks[live, t] = tok
-            # the model's own log-prob of the chosen token (estimators read the policy's confidence from it)
-            scores = logits.float()
-            lps[live, t] = scores.gather(-1, tok[:, None]).squeeze(1) - scores.logsumexp(-1)
-            if t == limit - 1:
-                break
-            going = tok != self.eos_id
-            n_going = int(going.sum())
-            if n_going == 0:
-                break
-            if n_going < len(live):  # compact finished rows out of the batch (and its KV cache)
-                keep = going.nonzero().squeeze(1)
-                cache.batch_select_indices(keep)
-                live, key_t, mask, next_pos, tok = live[keep], key_t[keep], mask[keep], next_pos[keep], tok[keep]
-            mask = torch.cat([mask, torch.ones((len(live), 1), dtype=mask.dtype, device=device)], dim=1)
-            out = self.model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-                             cache=cache, use_cache=True)
-            cache, logits = out.cache, out.logits[:, -1]
-            next_pos = next_pos + 1
+        amp = self._compute_dtype()
+        with torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext():
+            toks, lps = self._decode(prefixes, keys, limit, greedy, temperature, amp)
         gens = []
         for row, lp in zip(toks.tolist(), lps.tolist()):
             finished = self.eos_id in row
             n = row.index(self.eos_id) + 1 if finished else limit
             gens.append(Generation(ids=row[:n], finished=finished, logprobs=lp[:n]))
         return gens
+
+    def _decode(self, prefixes: list[tuple[int, ...]], keys: list[int], limit: int, greedy: bool,
+                temperature: float, amp: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(new tokens, their log-probs), each (len(prefixes), limit); a row's entries past its eos are junk."""
+        device = self.model.device
+        static = self.cfg.kv_cache == "static"
+        # Prefill each distinct prefix once, then give every request row a copy of its prefix's cache.
+        uniq: dict[tuple[int, ...], int] = {}
+        src = [uniq.setdefault(p, len(uniq)) for p in prefixes]
+        U, L = len(uniq), max(len(p) for p in uniq)
+        width = L + limit  # cache columns: the left-padded prefixes, then one per new token
+        ids = torch.full((U, L), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((U, width), dtype=torch.long)
+        for r, p in enumerate(uniq):  # left padding: every row's next token sits at column L
+            ids[r, L - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask[r, L - len(p):L] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        pos = (mask[:, :L].cumsum(-1) - 1).clamp(min=0)
+        cache = self._new_cache(width, amp)
+        out = self.model(input_ids=ids, attention_mask=mask if static else mask[:, :L], position_ids=pos,
+                         use_cache=True, logits_to_keep=1, **{kv_cache_arg(): cache})
+        logits = out.logits[:, -1]
+        del out
+        rows = torch.tensor(src, dtype=torch.long, device=device)
+        if U < len(prefixes):
+            self._select_rows(cache, rows)
+        logits, mask, next_pos = logits[rows], mask[rows], pos[rows, -1] + 1
+        key_t = torch.tensor(keys, dtype=torch.int64, device=device)
+        B = len(prefixes)
+        live = torch.arange(B, device=device)  # batch row -> request index
+        done = torch.zeros(B, dtype=torch.bool, device=device)  # rows that have produced eos
+        toks = torch.full((B, limit), self.pad_id, dtype=torch.long, device=device)
+        lps = torch.zeros((B, limit), dtype=torch.float32, device=device)
+        step = self._step_fn()
+        compact_below = 0.0 if self.cfg.compile else self.cfg.compact_below
+        for t in range(limit):
+            tok = choose_tokens(logits, key_t, t, temperature, self.cfg.top_p, greedy)
+            # the model's own log-prob of the chosen token (estimators read the policy's confidence from it)
+            scores = logits.float()
+            lp = scores.gather(-1, tok[:, None]).squeeze(1) - scores.logsumexp(-1)
+            if len(live) == B:
+                toks[:, t], lps[:, t] = tok, lp
+            else:
+                toks[live, t], lps[live, t] = tok, lp
+            if t == limit - 1:
+                break
+            done |= tok == self.eos_id
+            if (t + 1) % self.cfg.sync_every == 0:  # the only host reads of the loop
+                running = int((~done).sum())
+                if running == 0:
+                    break
+                if running < len(live) and running <= compact_below * len(live):
+                    keep = (~done).nonzero().squeeze(1)
+                    self._select_rows(cache, keep)
+                    live, key_t, mask, next_pos, tok, done = (live[keep], key_t[keep], mask[keep], next_pos[keep],
+                                                              tok[keep], done[keep])
+            mask[:, L + t] = 1
+            logits = step(tok, next_pos, mask if static else mask[:, :L + t + 1], cache)
+            next_pos = next_pos + 1
+        return toks, lps

@@ -58,7 +58,7 @@ class EstimatorConfig:
 class AdaptiveConfig(EstimatorConfig):
     """Sequential probes: one success settles V > 0, k_max failures settle V ~ 0."""
 
-    name: str = "adaptive"
+    name: str = "adaptive"  # registry name (estimator=adaptive)
     k_max: int = 32  # most draws per probe; a prefix with success rate p is misjudged as dead w.p. (1-p)^k_max
     batch: int = 2  # draws per open probe in its first wave (raise for fewer, larger generate calls)
     grow: bool = False  # true: each later wave of a probe draws as many as it has so far (2, 2, 4, 8, ...): log-many waves for hard prefixes, same verdict for a given cap (~0.75x wall time, ~1.1x tokens here)
@@ -147,6 +147,8 @@ def _rng(seed: int, uid: int) -> np.random.Generator:
 class Estimator:
     """Base: handles skipping, trivial trajectories, batching and bookkeeping; subclasses write `plan`."""
 
+    draws_rollouts = True  # False: the estimator samples nothing (random, confidence), so it has no draws to reuse
+
     def __init__(self, cfg: EstimatorConfig) -> None:
         self.cfg = cfg
 
@@ -154,7 +156,10 @@ class Estimator:
         """Explore one trajectory (n_steps >= 2). Yield request lists; return (critical, status)."""
         raise NotImplementedError
 
-    def locate(self, trajs: list[Trajectory], sample: ContinuationSampler, seed: int) -> list[Localization]:
+    def locate(self, trajs: list[Trajectory], sample: ContinuationSampler, seed: int,
+               only: set[int] | None = None) -> list[Localization]:
+        """Localise `trajs` (those whose uid is in `only`, when given; the others are "skipped" but still
+        lend their tokens as sibling samples)."""
         uids = [t.uid for t in trajs]
         if len(set(uids)) != len(uids):
             raise ValueError(f"trajectory uids must be unique within a round, got duplicates in {sorted(uids)}")
@@ -165,7 +170,7 @@ class Estimator:
         plans: dict[int, Plan] = {}
         for idx, traj in enumerate(trajs):
             rng = _rng(seed, traj.uid)
-            if self.cfg.explore == "failed" and traj.reward > 0:
+            if (self.cfg.explore == "failed" and traj.reward > 0) or (only is not None and traj.uid not in only):
                 found[idx] = (None, "skipped")
             elif traj.n_steps <= 1:
                 found[idx] = (0, "trivial")  # nothing to choose: reset to the prompt
@@ -268,6 +273,8 @@ class MCEstimator(Estimator):
 @ESTIMATORS.register("random", EstimatorConfig)
 class RandomEstimator(Estimator):
     """Satori-style ablation: reset at a uniformly random step; no rollouts."""
+
+    draws_rollouts = False
 
     def plan(self, traj: Trajectory, draws: Draws, rng: np.random.Generator) -> Plan:
         return int(rng.integers(traj.n_steps)), "located"
@@ -390,6 +397,8 @@ class ConfidenceEstimator(Estimator):
     """The prior alone, no rollouts: the step holding the least likely token the policy sampled
     (min over the step's tokens of log p; ties by tie_break). Needs the engine's token log-probs."""
 
+    draws_rollouts = False
+
     def plan(self, traj: Trajectory, draws: Draws, rng: np.random.Generator) -> Plan:
         conf = np.asarray(traj.step_confidence())
         return self._tie(np.flatnonzero(conf == conf.min()).tolist(), rng), "located"
@@ -403,7 +412,8 @@ def agreement(locs: Sequence[Localization], trajs: Sequence[Trajectory]) -> dict
     Counts failed trajectories (reward 0) whose first_error is known. Returns n, hits,
     agreement = hits / n (nan when n = 0) and undetermined (how many of the n had no information).
     """
-    pairs = [(loc, t) for loc, t in zip(locs, trajs, strict=True) if t.reward <= 0 and t.first_error is not None]
+    pairs = [(loc, t) for loc, t in zip(locs, trajs, strict=True)
+             if t.reward <= 0 and t.first_error is not None and loc.status != "skipped"]
     hits = sum(loc.critical == t.first_error for loc, t in pairs)
     return {"n": len(pairs), "hits": hits, "agreement": hits / len(pairs) if pairs else float("nan"),
             "undetermined": sum(loc.status == "undetermined" for loc, _ in pairs)}

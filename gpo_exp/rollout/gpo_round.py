@@ -11,6 +11,7 @@ arms differ only in GPO.
 """
 from __future__ import annotations
 
+import random
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -26,6 +27,10 @@ if TYPE_CHECKING:  # type only: config validation imports GPOConfig before trans
     from gpo_exp.rollout.sampler import PolicySampler
 
 HIST_BINS = 12  # critical-step histogram bins (the last bin collects steps >= 11)
+MIXES = ("augment", "replace", "substitute")
+REUSES = ("critical", "tree")
+FIRST_CHUNK = 4  # under a token budget: trajectories localised by the first estimator call (measures the cost per trajectory)
+MAX_CHUNK = 32  # most trajectories per later call (each sized to the budget left at the mean cost so far)
 
 
 @dataclass
@@ -41,6 +46,13 @@ class GPOConfig:
     examples_per_round: int = 64  # cap on training examples (pairs, or rollout groups) per round, both arms
     max_generated_tokens: int | None = None  # stop training once cumulative generated tokens reach this
     steps: StepsConfig | None = None  # step segmentation; null: the benchmark's default
+    mix: str = "augment"  # augment: the prompt's fresh groups plus the reset groups | replace: reset groups only (ablation) | substitute: each failed fresh trajectory replaced by its prefix + one continuation from the reset point (the authors' prototype)
+    reuse: str = "critical"  # critical: only the estimator's draws at the critical prefix join its reset group (reuse_estimation) | tree: every other estimated prefix whose draws' outcomes differ becomes a group there too
+    tree_prefixes: int = 2  # tree: most prefixes per trajectory made into groups (a seeded subset of those with mixed outcomes), so no trajectory dominates
+    tree_group_size: int = 8  # tree: most continuations in one prefix's group (the trajectory's own + a seeded subset of the draws), so no prefix dominates
+    reset_examples: int | None = None  # cap on examples from reset groups per round (augment: beside the fresh groups' examples_per_round); null: examples_per_round
+    tree_examples: int | None = None  # cap on examples from tree groups per round; null: examples_per_round
+    max_token_ratio: float | None = 2.0  # a round generates about at most this multiple of its fresh trajectories' tokens: trajectories are localised and reset in a seeded order (one per prompt first) until the budget is spent; null: every one (the paper)
     diagnostics_rows: int = 1000  # testbed only: test rows (a seeded subset) for the trap diagnostics each eval (teacher-forced P(mistake), greedy error classes); 0: off
     reference_k: int = 0  # diagnostics: also locate with mc at this K on independent samples and log gpo/critical_agrees_reference (0: off; its tokens are logged apart, never counted as training rollouts)
 
@@ -49,6 +61,15 @@ class GPOConfig:
             check(getattr(self, key) >= 1, f"gpo.{key}", getattr(self, key), ">= 1")
         check(self.max_generated_tokens is None or self.max_generated_tokens > 0, "gpo.max_generated_tokens",
               self.max_generated_tokens, "> 0 or null")
+        check(self.mix in MIXES, "gpo.mix", self.mix, " | ".join(MIXES))
+        check(self.reuse in REUSES, "gpo.reuse", self.reuse, " | ".join(REUSES))
+        for key in ("tree_prefixes", "tree_group_size"):
+            check(getattr(self, key) >= 2 if key == "tree_group_size" else getattr(self, key) >= 1,
+                  f"gpo.{key}", getattr(self, key), ">= 2" if key == "tree_group_size" else ">= 1")
+        for key in ("reset_examples", "tree_examples"):
+            check(getattr(self, key) is None or getattr(self, key) >= 1, f"gpo.{key}", getattr(self, key), ">= 1 or null")
+        check(self.max_token_ratio is None or self.max_token_ratio > 1, "gpo.max_token_ratio", self.max_token_ratio,
+              "> 1 or null (1 would leave no tokens to localise with)")
         check(self.diagnostics_rows >= 0, "gpo.diagnostics_rows", self.diagnostics_rows, ">= 0 (0: off)")
         check(self.reference_k >= 0, "gpo.reference_k", self.reference_k, ">= 0 (0: off)")
 
@@ -80,17 +101,28 @@ def prompt_groups(trajs: Sequence[Trajectory]) -> list[Group]:
             for ts in by_prompt.values()]
 
 
+def check_gpo(cfg: GPOConfig, estimator: Estimator | None) -> None:
+    """Settings that need the estimator: refused at start with one line (ConfigError)."""
+    if not cfg.enabled or estimator is None or cfg.reuse != "tree":
+        return
+    check(estimator.draws_rollouts, "gpo.reuse", cfg.reuse,
+          f"critical with estimator={estimator.cfg.name}, which draws no rollouts to reuse (tree needs mc, bisect or adaptive)")
+    check(estimator.cfg.temperature is None, "gpo.reuse", cfg.reuse,
+          f"critical with estimator.temperature={estimator.cfg.temperature} (tree trains on the draws: they must be the policy's)")
+
+
 def reset_groups(trajs: Sequence[Trajectory], locs: Sequence[Localization], sampler: PolicySampler,
-                 cfg: GPOConfig, reuse_estimation: bool | None = None) -> list[Group]:
+                 cfg: GPOConfig, reuse_estimation: bool | None = None, n: int | None = None) -> list[Group]:
     """GPO arm: for each explored trajectory, candidates continuing the prefix before its critical step.
-    `reuse_estimation` (default cfg.reuse_estimation) adds the estimator's rollouts from that prefix."""
+    `reuse_estimation` (default cfg.reuse_estimation) adds the estimator's rollouts from that prefix;
+    `n` fresh draws per prefix (default cfg.reset_samples)."""
     reuse = cfg.reuse_estimation if reuse_estimation is None else reuse_estimation
     chosen = [(t, loc) for t, loc in zip(trajs, locs) if loc.critical is not None
               and (cfg.reset_undetermined or loc.status != "undetermined")]
     # New samples start after the estimator's sample indices so they are fresh draws.
-    jobs = [Job(t, loc.critical, cfg.reset_samples, offset=len(loc.samples.get(loc.critical, [])))  # type: ignore[arg-type]
+    jobs = [Job(t, loc.critical, n or cfg.reset_samples, offset=len(loc.samples.get(loc.critical, [])))  # type: ignore[arg-type]
             for t, loc in chosen]
-    fresh = sampler(jobs)
+    fresh = sampler(jobs) if jobs else []
     groups = []
     for (t, loc), new in zip(chosen, fresh):
         step = int(loc.critical)  # type: ignore[arg-type]
@@ -100,13 +132,120 @@ def reset_groups(trajs: Sequence[Trajectory], locs: Sequence[Localization], samp
         if cfg.include_original:
             cands.append(Continuation(ids=t.completion_ids[t.prefix_len(step):], reward=t.reward, finished=t.finished))
         groups.append(Group(prompt_ids=t.prompt_ids, prefix_ids=t.completion_ids[: t.prefix_len(step)],
-                            continuations=cands, uid=t.uid, step=step))
+                            continuations=cands, uid=t.uid, step=step, source="reset"))
     return groups
+
+
+def substitute(fresh: Sequence[Group], trajs: Sequence[Trajectory], resets: Sequence[Group]) -> list[Group]:
+    """mix=substitute: in each prompt group, a failed trajectory that was reset is replaced by its prefix
+    plus the first fresh continuation drawn there (its prefix tokens `frozen`: not trained)."""
+    by_uid = {g.uid: g for g in resets}
+    out = []
+    for g in fresh:
+        members = [t for t in trajs if t.prompt_ids == g.prompt_ids]
+        conts = []
+        for t, c in zip(members, g.continuations):
+            r = by_uid.get(t.uid)
+            if r is not None and t.reward <= 0:
+                new = r.continuations[0]
+                c = Continuation(ids=r.prefix_ids + new.ids, reward=new.reward, finished=new.finished,
+                                 frozen=len(r.prefix_ids))
+            conts.append(c)
+        out.append(Group(prompt_ids=g.prompt_ids, prefix_ids=[], continuations=conts, uid=g.uid, step=0))
+    return out
+
+
+def tree_groups(trajs: Sequence[Trajectory], locs: Sequence[Localization], cfg: GPOConfig, seed: int,
+                skip_critical: bool) -> list[Group]:
+    """gpo.reuse=tree: the estimator's draws at each estimated prefix, with the trajectory's own
+    continuation from there, as a group at that prefix; only prefixes whose outcomes differ (a group
+    with one outcome has no pair and no GRPO advantage), at most `tree_prefixes` per trajectory and
+    `tree_group_size` continuations per group (seeded subsets), so no trajectory or prefix dominates.
+    `skip_critical`: the critical prefix's draws are already in its reset group."""
+    out = []
+    for t, loc in zip(trajs, locs):
+        if loc.status == "skipped":
+            continue
+        rng = random.Random(seed * 1_000_003 + t.uid)
+        cands = []
+        for i, conts in sorted(loc.samples.items()):
+            drawn = [c for c in conts if c.drawn]  # sibling trajectories are already in the fresh groups
+            if not drawn or (skip_critical and i == loc.critical):
+                continue
+            own = Continuation(ids=t.completion_ids[t.prefix_len(i):], reward=t.reward, finished=t.finished)
+            members = [own, *drawn]
+            if len({c.reward > 0.5 for c in members}) < 2:
+                continue
+            cands.append((i, members))
+        for i, members in sorted(rng.sample(cands, min(cfg.tree_prefixes, len(cands))), key=lambda x: x[0]):
+            if len(members) > cfg.tree_group_size:
+                members = [members[0], *rng.sample(members[1:], cfg.tree_group_size - 1)]
+            out.append(Group(prompt_ids=t.prompt_ids, prefix_ids=t.completion_ids[: t.prefix_len(i)],
+                             continuations=members, uid=t.uid, step=i, source="tree"))
+    return out
+
+
+def localisation_order(trajs: Sequence[Trajectory], explore: str, seed: int) -> list[int]:
+    """Indices of the trajectories to localise, in a seeded order that takes one per prompt first
+    (then a second per prompt, ...), so a token budget spreads over the round's prompts."""
+    idx = [i for i, t in enumerate(trajs) if explore == "all" or t.reward <= 0]
+    random.Random(seed).shuffle(idx)
+    seen: dict[tuple[int, ...], int] = defaultdict(int)
+    rank = {}
+    for i in idx:
+        key = tuple(trajs[i].prompt_ids)
+        rank[i] = seen[key]
+        seen[key] += 1
+    return sorted(idx, key=lambda i: rank[i])  # stable: the shuffled order within each rank
+
+
+def localise(trajs: Sequence[Trajectory], sampler: PolicySampler, estimator: Estimator, cfg: GPOConfig,
+             seed: int, budget: float | None, reuse: bool, n_reset: int | None
+             ) -> tuple[list[Localization], list[Group], int]:
+    """Locate critical steps and sample at their reset prefixes: (localisations, reset groups, reset tokens).
+
+    Without a budget every trajectory the estimator explores is localised in one call. With one,
+    trajectories go in `localisation_order`, in chunks (estimation, then reset): FIRST_CHUNK, then as many
+    as the budget left affords at the mean cost per trajectory so far (at most MAX_CHUNK), until not one
+    more does; the rest are "skipped". Every trajectory still lends its tokens to the estimator as a
+    sibling sample."""
+    stats = sampler.engine.stats
+    if budget is None:
+        locs = estimator.locate(list(trajs), sampler, seed)
+        tok = stats.generated_tokens
+        groups = reset_groups(trajs, locs, sampler, cfg, reuse, n_reset)
+        return locs, groups, stats.generated_tokens - tok
+    order = localisation_order(trajs, estimator.cfg.explore, seed)
+    found: dict[int, Localization] = {}
+    groups: list[Group] = []
+    spent = reset_tokens = done = 0
+    i = 0
+    while i < len(order):
+        n = FIRST_CHUNK if done == 0 else MAX_CHUNK if spent == 0 else min(MAX_CHUNK, int((budget - spent) // (spent / done)))
+        if n <= 0 or spent >= budget:
+            break
+        chunk = order[i: i + n]
+        i += n
+        tok0 = stats.generated_tokens
+        part = estimator.locate(list(trajs), sampler, seed, only={trajs[j].uid for j in chunk})
+        tok1 = stats.generated_tokens
+        groups += reset_groups([trajs[j] for j in chunk], [part[j] for j in chunk], sampler, cfg, reuse, n_reset)
+        reset_tokens += stats.generated_tokens - tok1
+        spent += stats.generated_tokens - tok0
+        done += len(chunk)
+        found.update({j: part[j] for j in chunk})
+    skipped = lambda t: Localization(values=[None] * (t.n_steps + 1), advantages=[None] * t.n_steps,  # noqa: E731
+                                     critical=None, status="skipped")
+    return [found.get(j) or skipped(t) for j, t in enumerate(trajs)], groups, reset_tokens
 
 
 def collect_round(rows: Sequence[dict[str, Any]], sampler: PolicySampler, estimator: Estimator | None,
                   cfg: GPOConfig, seed: int, uid_start: int = 0) -> RoundData:
     """Sample trajectories for `rows` and build this round's candidate groups (GPO or baseline).
+
+    GPO's groups by `cfg.mix`: the prompt groups (source fresh) plus the reset groups (augment), the reset
+    groups alone (replace), or the prompt groups with failed trajectories substituted (substitute); with
+    `cfg.reuse=tree`, plus the estimator's draws at other prefixes (source tree).
 
     A data-parallel rank passes its share of the round's rows and `uid_start` = the global index of its
     first trajectory, so uids (and the estimators' per-uid randomness) match a one-process run's."""
@@ -116,15 +255,27 @@ def collect_round(rows: Sequence[dict[str, Any]], sampler: PolicySampler, estima
     counts: dict[str, Any] = {"traj_tokens": engine.stats.generated_tokens - tok0}
     gpo = cfg.enabled and estimator is not None
     locs: list[Localization] | None = None
+    fresh = prompt_groups(trajs)
     if not gpo:
-        groups = prompt_groups(trajs)
+        groups = fresh
     else:
-        locs = estimator.locate(trajs, sampler, seed) if trajs else []  # type: ignore[union-attr]
-        tok1 = engine.stats.generated_tokens
+        assert estimator is not None
+        budget = None if cfg.max_token_ratio is None else (cfg.max_token_ratio - 1) * counts["traj_tokens"]
         # probes drawn at another temperature are not samples of the policy: train only on fresh reset draws
-        groups = reset_groups(trajs, locs, sampler, cfg,
-                              cfg.reuse_estimation and estimator.cfg.temperature is None)  # type: ignore[union-attr]
-        counts["reset_tokens"] = engine.stats.generated_tokens - tok1
+        policy_draws = estimator.cfg.temperature is None
+        locs, resets, counts["reset_tokens"] = localise(
+            trajs, sampler, estimator, cfg, seed, budget, cfg.reuse_estimation and policy_draws,
+            1 if cfg.mix == "substitute" else None) if trajs else ([], [], 0)
+        counts["reset_prefixes"] = len(resets)
+        if cfg.mix == "augment":
+            groups = fresh + resets
+        elif cfg.mix == "replace":
+            groups = resets
+        else:
+            groups = substitute(fresh, trajs, resets)
+        if cfg.reuse == "tree" and policy_draws:
+            groups += tree_groups(trajs, locs, cfg, seed, skip_critical=cfg.mix != "substitute"
+                                  and cfg.reuse_estimation)
     counts["time"] = time.perf_counter() - t0
     counts.update(round_counts(trajs, locs, sampler.benchmark, sampler.tokenizer))
     counts["tokens"] = engine.stats.generated_tokens - tok0
@@ -181,10 +332,13 @@ def round_stats(data: RoundData, cfg: GPOConfig) -> dict[str, Any]:
             "gpo/rollout_tokens_per_trajectory": sum(loc.tokens for loc in explored) / max(1, len(explored)),
             "gpo/estimation_tokens": sum(loc.tokens for loc in explored),
             "gpo/reset_tokens": c["reset_tokens"],
-            "gpo/reset_groups": len(data.groups),
+            "gpo/reset_groups": c["reset_prefixes"],  # prefixes sampled at (substitute: failed trajectories replaced)
+            "gpo/tree_groups": sum(g.source == "tree" for g in data.groups),
+            "gpo/unlocalised_failed": sum(loc.status == "skipped" and t.reward <= 0 for loc, t in zip(locs, trajs)),  # left by the token budget
             "gpo/estimation_truncated": sum(not c.finished for loc in explored for cs in loc.samples.values()
                                             for c in cs if c.drawn),
-            "gpo/candidates_truncated": sum(not c.finished for g in data.groups for c in g.continuations),  # of the reset groups' candidates
+            "gpo/candidates_truncated": sum(not c.finished for g in data.groups if g.source == "reset"
+                                            for c in g.continuations),  # of the reset groups' candidates
         })
     stats.update(round_diagnostics(c))
     stats["time/rollout_s"] = c["time"]

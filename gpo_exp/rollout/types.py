@@ -17,6 +17,7 @@ class Continuation:
     reward: float  # final-answer correctness of prefix + continuation, in [0, 1]
     finished: bool = True  # False when the length limit cut it off (such a continuation scores 0)
     drawn: bool = True  # False for a sibling trajectory's own continuation, reused at no generation cost
+    frozen: int = 0  # leading ids copied from a shared prefix, never trained under loss_mask=continuation (mix=substitute)
 
 
 @dataclass
@@ -112,3 +113,4 @@ class Group:
     continuations: list[Continuation]
     uid: int = -1  # source trajectory (GPO) or first trajectory of the prompt (baseline)
     step: int = 0  # reset step (GPO); 0 in the baseline arm
+    source: str = "fresh"  # fresh: the prompt's own samples | reset: sampled at the critical step | tree: the estimator's draws at another prefix

@@ -78,11 +78,19 @@ def base_model(policy: nn.Module) -> nn.Module:
     return policy.get_base_model() if is_lora(policy) else policy
 
 
-def save_model_dir(policy: nn.Module, out: Path, dtype: torch.dtype | None, merge_lora: bool = False) -> Path:
+def save_model_dir(policy: nn.Module, out: Path, dtype: torch.dtype | None, merge_lora: bool = False,
+                   eos_id: int | None = None) -> Path:
     """An HF model directory vLLM can start from: config.json and model.safetensors with the policy's
     weights now (LoRA: the base weights, or merged ones), in `dtype` (None: as they are). No tokenizer:
-    the engine takes token ids and returns token ids."""
+    the engine takes token ids and returns token ids.
+
+    With `eos_id`, a generation_config.json whose only setting is that eos: vLLM adds the generation
+    config's eos ids to every request's stop tokens (sampling_params.py `update_from_generation_config`)
+    and, without the file, builds one from config.json (transformers_utils/config.py
+    `try_get_generation_config`), whose eos_token_id can differ from the tokenizer's (the one the HF
+    engine stops at) and whose sampling defaults would otherwise be read too."""
     from safetensors.torch import save_file
+    from transformers import GenerationConfig
 
     out.mkdir(parents=True, exist_ok=True)
     model = base_model(policy)
@@ -91,6 +99,8 @@ def save_model_dir(policy: nn.Module, out: Path, dtype: torch.dtype | None, merg
     if dtype is not None:
         config.dtype = dtype
     config.save_pretrained(out)
+    if eos_id is not None:
+        GenerationConfig(eos_token_id=int(eos_id)).save_pretrained(out)
     weights = {n: (t.to(dtype) if dtype is not None else t).cpu().contiguous()
                for n, t in hf_weights(policy, merge_lora)}
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})

@@ -214,28 +214,50 @@ def score_sequences(model: torch.nn.Module, seqs: Sequence[Sequence[int]], start
     return [scores[k] for k in keys]
 
 
+def logprob_tolerance(logits: torch.Tensor, *dtypes: torch.dtype) -> float:
+    """How far two correct log-prob computations may differ when their logits come from different
+    matmul shapes in `dtypes` (the model's logits' and the head's; the lowest precision counts).
+
+    Each path rounds every logit z to its dtype, an error of at most half a unit in the last place,
+    eps * |z| / 2 (eps: the dtype's machine epsilon, 2**-7 for bfloat16), so the two paths' logits
+    differ by at most eps * |z|; a log-prob z_t - logsumexp(z) then by at most 2 * eps * max|z|.
+    Twice that bound (for the fp32 accumulation orders, which may differ before rounding), plus the
+    1e-3 an fp32 model is held to. bfloat16 logits around 20 give 0.63: the check still catches a
+    missing logit scale or soft-cap, which moves log-probs by whole nats."""
+    eps = max(torch.finfo(d).eps for d in (logits.dtype, *dtypes) if d.is_floating_point)
+    return 1e-3 + 4 * eps * float(logits.detach().abs().max())
+
+
 @torch.no_grad()
 def check_logprob_path(model: nn.Module, length: int = 16) -> float:
     """Raise if `token_logps` (decoder + head on selected rows) disagrees with the model's own
     logits on a short random sequence: an architecture whose logits are not head(last hidden state)
-    (an extra scale, say) would otherwise train on wrong log-probs. Returns the largest difference."""
+    (an extra scale, say) would otherwise train on wrong log-probs. The tolerance follows the
+    precision of the logits (`logprob_tolerance`): 1e-3 in fp32, more in bf16, where the two matmul
+    shapes round logits differently. Returns the largest difference."""
     from gpo_exp.registry import ConfigError
 
     device = model_device(model)
-    vocab = _causal_lm(model).get_output_embeddings().weight.shape[0]
+    head = _causal_lm(model).get_output_embeddings()
+    vocab = head.weight.shape[0]
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (1, length), generator=gen).to(device)
     mask = torch.ones_like(ids)
     was = model.training
     model.eval()
     try:
-        full = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        full = torch.log_softmax(logits.float(), -1)
         want = full.gather(-1, ids[:, 1:, None]).squeeze(-1)
         got = token_logps(model, ids, mask)[0][:, 1:]
     finally:
         model.train(was)
-    err = float((got - want).abs().max())
-    if not err < 1e-3:
+    dtypes = [head.weight.dtype]
+    if torch.is_autocast_enabled(device.type):
+        dtypes.append(torch.get_autocast_dtype(device.type))
+    err, tol = float((got - want).abs().max()), logprob_tolerance(logits, *dtypes)
+    if not err < tol:
         raise ConfigError(f"model {type(model).__name__}: log-probs from its decoder and output head differ from its "
-                          f"logits by {err:.2g}; this architecture is not supported by the memory-bounded log-prob path")
+                          f"logits by {err:.2g} (> {tol:.2g} for {logits.dtype} logits); this architecture is not "
+                          f"supported by the memory-bounded log-prob path")
     return err

@@ -30,6 +30,7 @@ from gpo_exp.rollout.diagnostics import eval_diagnostics, summary_diagnostics
 from gpo_exp.rollout.estimators import Estimator
 from gpo_exp.rollout.evaluate import evaluate
 from gpo_exp.rollout.gpo_round import GPOConfig, RoundData, collect_round, merge_rounds
+from gpo_exp.training.examples import SOURCES, round_examples
 from gpo_exp.rollout.sampler import PolicySampler
 from gpo_exp.rollout.steps import step_texts
 from gpo_exp.training import checkpoint as ckpt
@@ -47,7 +48,8 @@ class RoundHistory:
     rounds: list[dict[str, Any]] = field(default_factory=list)
     totals: dict[str, float] = field(default_factory=lambda: {
         "rollout/generated_tokens": 0, "time/rollout_s": 0.0, "time/train_s": 0.0, "time/eval_s": 0.0,
-        "gpo/pairs": 0, "gpo/examples": 0})
+        "gpo/pairs": 0, "gpo/examples": 0, **{f"gpo/examples_{s}": 0 for s in SOURCES},
+        "rollout/trajectory_tokens": 0, "gpo/estimation_tokens": 0, "gpo/reset_tokens": 0})
     hist: list[int] = field(default_factory=list)  # critical-step histogram over all rounds
     agree_hits: int = 0
     agree_n: int = 0
@@ -58,6 +60,18 @@ class RoundHistory:
     estimation_rollouts: float = 0.0
     estimation_tokens: float = 0.0
     stopped: bool = False  # the token budget ended the run early
+
+
+def no_signal_hint(train_accuracy: float) -> str:
+    """Why a round produced no training examples, and what to change. Every optimizer needs trajectories
+    of one prompt (or one reset prefix) that differ in reward; a policy that solves all or none gives none."""
+    if train_accuracy <= 0.0:
+        return ("the policy solved none of its prompts (train accuracy 0.00): give it the answer format first "
+                "(warm_start.enabled=true; SmolLM2 on arithmetic: experiment=smollm2_arith) or easier prompts")
+    if train_accuracy >= 1.0:
+        return "the policy solved every prompt (train accuracy 1.00): give it harder prompts"
+    return (f"every group's samples had equal rewards (train accuracy {train_accuracy:.2f}): raise "
+            "gpo.samples_per_prompt or engine.temperature")
 
 
 class Diverged(FloatingPointError):
@@ -246,7 +260,8 @@ class GPORoundCallback(pl.Callback):
         if world > 1:
             data = merge_rounds(distributed.gather(data), self.gpo)
         t0 = time.perf_counter()
-        examples = self.objective.make_examples(data.groups, self.gpo.examples_per_round, rng, self.gpo.pairs_per_group)
+        examples, by_source = round_examples(self.objective, data.groups, self.gpo, rng)
+        data.stats.update(by_source)
         self.objective.precompute(examples, pl_module.policy, getattr(pl_module, "ref", None),
                                   self.sampler.tokenizer.pad_token_id)
         data.stats["time/precompute_s"] = time.perf_counter() - t0
@@ -261,6 +276,8 @@ class GPORoundCallback(pl.Callback):
                  r, s["rollout/trajectories"], s["rollout/train_accuracy"], len(examples), self.objective.kind,
                  len(data.groups), f", critical steps {s['gpo/critical_step_hist']}" if self.gpo.enabled else "",
                  s["rollout/round_generated_tokens"], s["time/rollout_s"])
+        if not examples:  # say so every round: a run that trains on nothing must not look like one that learns
+            log.warning("round %d: no training examples; %s", r, no_signal_hint(s["rollout/train_accuracy"]))
         self._pending = {**{k: v for k, v in s.items() if not isinstance(v, list)}, "gpo/pairs_round": len(examples)}
         self._log_wandb(trainer, r, data)
 
@@ -293,6 +310,9 @@ class GPORoundCallback(pl.Callback):
         h.totals["rollout/generated_tokens"] += s["rollout/round_generated_tokens"]
         h.totals["time/rollout_s"] += s["time/rollout_s"] + s["time/precompute_s"]
         h.totals["gpo/examples"] += len(examples)
+        for key in [f"gpo/examples_{src}" for src in SOURCES] + ["rollout/trajectory_tokens", "gpo/estimation_tokens",
+                                                                 "gpo/reset_tokens"]:
+            h.totals[key] = h.totals.get(key, 0) + s.get(key, 0)  # .get: totals restored from an older checkpoint
         h.totals["gpo/pairs"] += len(examples) if self.objective.kind != "rollouts" else 0
         if data.localizations is not None:
             hist = s["gpo/critical_step_hist"]
@@ -317,6 +337,7 @@ class GPORoundCallback(pl.Callback):
         self.history.totals["time/eval_s"] += dt
         record = {"round": r, **{f"eval/{k}": v for k, v in res.items()},
                   "rollout/generated_tokens": self.history.totals["rollout/generated_tokens"],
+                  "train/examples": self.history.totals["gpo/examples"],  # cumulative: compare arms at equal examples
                   **self._pending}
         if self.gpo.enabled and self.history.hist:
             record["gpo/critical_step_hist"] = list(self.history.hist)

@@ -16,7 +16,7 @@ import os
 import shutil
 import random
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -25,7 +25,7 @@ import torch
 if TYPE_CHECKING:  # config validation imports this module before transformers (imported where used)
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from gpo_exp.registry import check
+from gpo_exp.config import PRETRAINED_LR, TINY_LR, WarmStartConfig  # noqa: F401  (the run's warm_start section)
 from gpo_exp.training.batching import pad_sequences, sequence_logps
 
 log = logging.getLogger(__name__)
@@ -35,38 +35,6 @@ SHIPPED = Path(__file__).resolve().parent.parent / "assets" / "warmstart"  # che
 
 # Settings that change the warm-started weights: only these enter the cache key (see WEIGHT_FIELDS).
 KEY_FIELDS = ("steps", "batch_size", "lr", "warmup_steps", "weight_decay", "max_rows", "seed")
-TINY_LR = 3e-3  # warm_start.lr=null on a random-init model: fast enough to learn the task in 600 steps
-PRETRAINED_LR = 2e-5  # warm_start.lr=null on a pretrained model: a format-teaching fine-tune that does not damage it
-
-
-@dataclass
-class WarmStartConfig:
-    enabled: Any = "auto"  # auto: on for models built from random weights (tiny), off for pretrained ones | true | false
-    steps: int = 600  # optimizer steps of supervised fine-tuning (600 on arith: 84% greedy, 72% sampled test accuracy)
-    batch_size: int = 64  # sequences per step
-    lr: float | None = None  # peak AdamW learning rate (linear warmup, cosine decay); null: 3e-3 for tiny, 2e-5 for pretrained models
-    warmup_steps: int = 50  # linear warmup steps
-    weight_decay: float = 0.0  # AdamW weight decay
-    max_rows: int | None = None  # use at most this many training rows (None: all)
-    cache_dir: str = "~/.cache/gpo_exp/warmstart"  # where warm-started checkpoints are kept
-    force: bool = False  # retrain even when a cached checkpoint exists
-    seed: int = 0  # seed of initialisation and batch order (separate from the GPO seed on purpose)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.enabled, str) and self.enabled.lower() in ("true", "false"):
-            self.enabled = self.enabled.lower() == "true"
-        check(self.enabled in (True, False, "auto"), "warm_start.enabled", self.enabled, "auto, true or false")
-        check(self.steps >= 0, "warm_start.steps", self.steps, ">= 0")
-        check(self.batch_size >= 1, "warm_start.batch_size", self.batch_size, ">= 1")
-        check(self.lr is None or self.lr > 0, "warm_start.lr", self.lr, "> 0 or null")
-
-    def resolved(self, pretrained: bool) -> WarmStartConfig:
-        """`auto` and a null lr made concrete for a pretrained or a random-init model."""
-        enabled = (not pretrained) if self.enabled == "auto" else bool(self.enabled)
-        lr = self.lr if self.lr is not None else (PRETRAINED_LR if pretrained else TINY_LR)
-        return replace(self, enabled=enabled, lr=lr)
-
-
 def cache_key(*parts: Any) -> str:
     """Short stable hash of JSON-able settings."""
     blob = json.dumps(parts, sort_keys=True, default=str)
@@ -219,7 +187,8 @@ def main(argv: list[str] | None = None) -> None:
     from hydra import compose, initialize_config_dir
 
     from gpo_exp.benchmarks import BENCHMARKS
-    from gpo_exp.config import register_configs, validate
+    from gpo_exp.config import register_configs
+    from gpo_exp.training.run_config import validate
 
     ap = argparse.ArgumentParser(description="Train the warm start of a run config (default: tiny model on the testbed).")
     ap.add_argument("--ship", action="store_true", help="copy the result into gpo_exp/assets/warmstart/")

@@ -29,7 +29,7 @@ class OptimizerConfig:
     batch_size: int = 16  # examples (pairs, unpaired examples or rollouts) per optimizer step
     epochs_per_round: int = 1  # passes over one round's examples
     precompute_ref: bool = True  # reference log-probs once when the data is built (false: in every step)
-    loss_mask: str = "completion"  # completion: every token after the prompt (paper) | continuation: only after the shared prefix
+    loss_mask: str = "continuation"  # continuation: only tokens sampled after a reset group's shared prefix (fresh groups: the whole completion) | completion: every token after the prompt, the shared prefix too (the paper's code)
     micro_batch_size: int | None = None  # examples per forward/backward; the step accumulates batch_size / micro_batch_size of them (same loss and gradient); null: the whole batch at once
 
     def __post_init__(self) -> None:
@@ -54,10 +54,15 @@ class Objective:
     def __init__(self, cfg: OptimizerConfig) -> None:
         self.cfg = cfg
 
-    def start(self, group: Group) -> int:
-        """Index in prompt+prefix+continuation where the trained tokens start (the loss mask)."""
+    def start(self, group: Group, cont: Continuation | None = None) -> int:
+        """Index in prompt+prefix+continuation where the trained tokens start (the loss mask).
+
+        continuation: after the group's shared prefix and after `cont.frozen` copied prefix tokens (a
+        substituted trajectory), so a reset rollout trains only what was sampled at the reset point."""
         n = len(group.prompt_ids)
-        return n if self.cfg.loss_mask == "completion" else n + len(group.prefix_ids)
+        if self.cfg.loss_mask == "completion":
+            return n
+        return n + len(group.prefix_ids) + (cont.frozen if cont is not None else 0)
 
     def make_value_head(self, policy: nn.Module) -> nn.Module:
         """A value head for the policy (only objectives with `uses_value_head`)."""

@@ -68,7 +68,7 @@ class KTO(Objective):
         for g, c, r in preference_pairs(groups, limit, rng, pairs_per_group):
             head = g.prompt_ids + g.prefix_ids
             for cont, desirable in ((c, True), (r, False)):
-                out.append({"ids": head + cont.ids, "desirable": desirable, "start": self.start(g),
+                out.append({"ids": head + cont.ids, "desirable": desirable, "start": self.start(g, cont),
                             "prefix_len": len(g.prefix_ids), "uid": g.uid, "step": g.step})
         return out
 

@@ -93,10 +93,10 @@ class GRPOConfig(RolloutConfig):
 # ----------------------------------------------------------------------------- shared helpers
 
 
-def trained(g: Group, start: int) -> list:
-    """Continuations of `g` with at least one trained token (prompt + prefix + ids longer than `start`)."""
+def trained(obj: Objective, g: Group) -> list:
+    """Continuations of `g` with at least one trained token (prompt + prefix + ids longer than their start)."""
     head = len(g.prompt_ids) + len(g.prefix_ids)
-    return [c for c in g.continuations if head + len(c.ids) > start]
+    return [c for c in g.continuations if head + len(c.ids) > obj.start(g, c)]
 
 
 def take_groups(groups: Sequence[tuple[Group, list]], cap: int, rng: random.Random) -> list[tuple[Group, list]]:
@@ -112,7 +112,7 @@ def take_groups(groups: Sequence[tuple[Group, list]], cap: int, rng: random.Rand
 
 
 def rollout(obj: Objective, g: Group, cont: Any, group_idx: int) -> dict[str, Any]:
-    return {"ids": g.prompt_ids + g.prefix_ids + cont.ids, "start": obj.start(g), "reward": float(cont.reward),
+    return {"ids": g.prompt_ids + g.prefix_ids + cont.ids, "start": obj.start(g, cont), "reward": float(cont.reward),
             "group": group_idx, "prefix_len": len(g.prefix_ids), "uid": g.uid, "step": g.step}
 
 
@@ -241,7 +241,7 @@ class PPO(RolloutObjective):
     def make_examples(self, groups: Sequence[Group], limit: int, rng: random.Random,
                       pairs_per_group: int = 1) -> list[dict[str, Any]]:
         """One rollout per continuation of every group; whole groups up to `limit * rollouts_per_example`."""
-        usable = [(g, trained(g, self.start(g))) for g in groups]
+        usable = [(g, trained(self, g)) for g in groups]
         chosen = take_groups([(g, c) for g, c in usable if c], self.cap(limit), rng)
         return [rollout(self, g, c, k) for k, (g, conts) in enumerate(chosen) for c in conts]
 
@@ -319,7 +319,7 @@ class GRPO(RolloutObjective):
         """Rollouts of informative groups with their group-normalised advantage, whole groups up to the cap."""
         informative = []
         for g in groups:
-            conts = trained(g, self.start(g))
+            conts = trained(self, g)
             if self.cfg.group_size is not None and len(conts) > self.cfg.group_size:
                 keep = sorted(rng.sample(range(len(conts)), self.cfg.group_size))
                 conts = [conts[i] for i in keep]

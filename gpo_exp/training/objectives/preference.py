@@ -71,6 +71,12 @@ class ORPOConfig(OptimizerConfig):
         check(self.lam > 0, "optimizer.lam", self.lam, "> 0")
 
 
+def _starts(examples: Sequence[dict[str, Any]]) -> list[int]:
+    """Where each chosen, then each rejected, loss mask starts (a substituted trajectory's copied prefix
+    is not trained, so the two may differ; `rejected_start` defaults to `start`)."""
+    return [e["start"] for e in examples] + [e.get("rejected_start", e["start"]) for e in examples]
+
+
 def _ends(examples: Sequence[dict[str, Any]]) -> list[int | None]:
     """Where each chosen, then each rejected, loss mask stops (optional keys; None: the sequence's end)."""
     return [e.get("chosen_end") for e in examples] + [e.get("rejected_end") for e in examples]
@@ -86,13 +92,14 @@ class PairObjective(Objective):
         out = []
         for g, c, r in preference_pairs(groups, limit, rng, pairs_per_group):
             head = g.prompt_ids + g.prefix_ids
-            out.append({"chosen": head + c.ids, "rejected": head + r.ids, "start": self.start(g),
+            out.append({"chosen": head + c.ids, "rejected": head + r.ids, "start": self.start(g, c),
+                        "rejected_start": self.start(g, r),
                         "prefix_len": len(g.prefix_ids), "uid": g.uid, "step": g.step})
         return out
 
     def collate(self, examples: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
         seqs = [e["chosen"] for e in examples] + [e["rejected"] for e in examples]
-        batch = pad_sequences(seqs, [e["start"] for e in examples] * 2, pad_id, _ends(examples))
+        batch = pad_sequences(seqs, _starts(examples), pad_id, _ends(examples))
         if "ref_logps" in examples[0]:
             batch["ref_logps"] = torch.tensor([e["ref_logps"][0] for e in examples] +
                                               [e["ref_logps"][1] for e in examples])
@@ -105,7 +112,7 @@ class PairObjective(Objective):
             return
         n = len(examples)
         scores = score_sequences(ref, [e["chosen"] for e in examples] + [e["rejected"] for e in examples],
-                                 [e["start"] for e in examples] * 2, pad_id, batch_size=4 * self.cfg.batch_size,
+                                 _starts(examples), pad_id, batch_size=4 * self.cfg.batch_size,
                                  ends=_ends(examples))
         for e, c, r in zip(examples, scores[:n], scores[n:]):
             e["ref_logps"] = (c, r)

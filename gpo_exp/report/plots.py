@@ -1,7 +1,8 @@
 """The report's figures (matplotlib, Agg backend): learning curves, critical-step positions, rollout cost.
 
 The data behind each figure comes from a small function (round_curves, critical_step_fractions,
-estimator_values) so it can be tested without looking at pixels. Each plot returns False and writes
+estimator_values, arm_values) so it can be tested without looking at pixels; every figure follows
+the grammar of gpo_exp.report.style (colour = optimizer, line style and marker = GPO or baseline). Each plot returns False and writes
 nothing when the runs lack its data (e.g. no GPO arm, no rounds.jsonl).
 """
 from __future__ import annotations
@@ -18,20 +19,9 @@ matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from gpo_exp.report import Arm, Run, summarize  # noqa: E402  (report imports this module lazily)
-
-
-MARKERS = "os^Dv<>p"
-
-
-def _style(arm: Arm, seen: dict[str, list[str]]) -> dict[str, Any]:
-    """One colour per base optimizer, one marker per variant of it; GPO arms solid, plain arms dashed."""
-    variants = seen.setdefault(arm.base, [])
-    if arm.label not in variants:
-        variants.append(arm.label)
-    color = f"C{list(seen).index(arm.base) % 10}"
-    marker = MARKERS[variants.index(arm.label) % len(MARKERS)]
-    return {"color": color, "marker": marker, "linestyle": "-" if arm.gpo else "--"}
+from gpo_exp.report.stats import summarize  # noqa: E402
+from gpo_exp.report.style import figure, legend_outside, styles  # noqa: E402
+from gpo_exp.report.types import Arm, Run  # noqa: E402
 
 
 @dataclass
@@ -75,7 +65,8 @@ def round_curves(arms: Sequence[Arm], key: str) -> list[Curve]:
 
 
 def plot_accuracy_vs_round(arms: Sequence[Arm], path: Path, metric: str) -> bool:
-    """Mean over seeds per arm vs round (band: 95% CI), and vs cumulative generated tokens."""
+    """Mean over seeds per arm vs round (band: 95% CI), and vs cumulative generated tokens (steps: the
+    policy evaluated after a round holds until the next evaluation)."""
     key = metric.removesuffix("_after")  # eval/accuracy_after -> eval/accuracy in rounds.jsonl
     if not any(key in rec for arm in arms for run in arm.runs for rec in run.rounds):
         key = "eval/accuracy"
@@ -83,25 +74,29 @@ def plot_accuracy_vs_round(arms: Sequence[Arm], path: Path, metric: str) -> bool
     if not curves:
         return False
     scale = 100.0 if "accuracy" in key else 1.0
-    fig, (ax_r, ax_t) = plt.subplots(1, 2, figsize=(11, 4))
-    colors: dict[str, list[str]] = {}
+    style = styles(arms)
+    fig, (ax_r, ax_t) = figure(2, 5.2, 3.8, len(curves), max(len(c.label) for c in curves))
+    handles = []
     for c in curves:
+        st = style[c.arm.label]
         mean = [m * scale for m in c.mean]
-        style = _style(c.arm, colors)
-        ax_r.plot(c.rounds, mean, label=c.label, **style)
-        ax_r.fill_between(c.rounds, [m - h * scale for m, h in zip(mean, c.ci95)],
-                          [m + h * scale for m, h in zip(mean, c.ci95)], color=style["color"], alpha=0.15)
+        x = [r + st.dodge for r in c.rounds]
+        (h,) = ax_r.plot(x, mean, label=c.label, **st.line())
+        lo, hi = (0.0, 100.0) if scale == 100 else (-math.inf, math.inf)  # an accuracy's CI stays within 0-100%
+        ax_r.fill_between(x, [max(lo, m - e * scale) for m, e in zip(mean, c.ci95)],
+                          [min(hi, m + e * scale) for m, e in zip(mean, c.ci95)], color=st.color, alpha=0.12,
+                          linewidth=0, zorder=1)
         points = [(t, m) for t, m in zip(c.tokens, mean) if t is not None]
         if points:
-            ax_t.plot([t for t, _ in points], [m for _, m in points], label=c.label, **style)
+            ax_t.plot([t for t, _ in points], [m for _, m in points], drawstyle="steps-post", **st.line())
+        handles.append(h)
     ylabel = f"{key}{' (%)' if scale == 100 else ''}, mean over seeds"
     ax_r.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_r.set(xlabel="round (0 = before training)", ylabel=ylabel, title="by round (band: 95% CI)")
-    ax_t.set(xlabel="cumulative generated tokens", ylabel=ylabel, title="by generation cost")
+    ax_t.set(xlabel="cumulative generated tokens", ylabel=ylabel, title="by generation cost (markers: evaluations)")
     for ax in (ax_r, ax_t):
         ax.grid(alpha=0.3)
-    ax_r.legend(fontsize=8)
-    fig.tight_layout()
+    legend_outside(fig, handles, [c.label for c in curves], "solid ●: GPO · dashed ■: baseline")
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
@@ -124,6 +119,7 @@ def plot_critical_steps(arms: Sequence[Arm], path: Path) -> bool:
 
     The legend adds the mean of `gpo/critical_agrees_first_error` (a fraction) where runs report it.
     """
+    style = styles(arms)
     series = []
     for arm in arms:
         fractions = critical_step_fractions(arm) if arm.gpo else []
@@ -131,20 +127,22 @@ def plot_critical_steps(arms: Sequence[Arm], path: Path) -> bool:
             agree = [float(v) for r in arm.runs
                      if _num(v := r.summary.get("gpo/critical_agrees_first_error"))]
             label = arm.label + (f" (= first error {100 * sum(agree) / len(agree):.0f}%)" if agree else "")
-            series.append((label, fractions))
+            series.append((label, fractions, style[arm.label]))
     if not series:
         return False
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * max(len(f) for _, f in series) + 3), 4))
+    steps = max(max((i for i, f in enumerate(fr) if f > 0), default=0) + 1 for _, fr, _ in series)
+    series = [(label, fr[:steps], st) for label, fr, st in series]  # no empty bins past the last critical step
+    fig, (ax,) = figure(1, max(5.0, 0.45 * steps + 2.5), 3.8, len(series), max(len(lbl) for lbl, _, _ in series))
     width = 0.8 / len(series)
-    for j, (label, fractions) in enumerate(series):  # grouped bars, one group per step position
-        ax.bar([i - 0.4 + width * (j + 0.5) for i in range(len(fractions))], fractions, width=width,
-               label=label, color=f"C{j % 10}")
+    handles = []
+    for j, (label, fractions, st) in enumerate(series):  # grouped bars, one group per step position
+        handles.append(ax.bar([i - 0.4 + width * (j + 0.5) for i in range(len(fractions))], fractions, width=width,
+                              color=st.color, edgecolor="white", linewidth=0.5))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(xlabel="critical step position (0 = first step)", ylabel="fraction of critical steps",
            title="critical-step positions, summed over seeds")
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    legend_outside(fig, handles, [lbl for lbl, _, _ in series])
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
@@ -160,22 +158,37 @@ def estimator_values(arms: Sequence[Arm], key: str) -> dict[str, list[float]]:
     return dict(out)
 
 
+def arm_values(arms: Sequence[Arm], key: str) -> dict[str, list[float]]:
+    """Summary `key` of every run of every GPO arm, by arm label (table order)."""
+    out: dict[str, list[float]] = {}
+    for arm in arms:
+        values = [float(v) for run in arm.runs if _num(v := run.summary.get(key))] if arm.gpo else []
+        if values:
+            out[arm.label] = values
+    return out
+
+
 def plot_rollout_cost(arms: Sequence[Arm], path: Path) -> bool:
-    """Rollouts and rollout tokens per trajectory per estimator (mean ± 95% CI over GPO runs)."""
+    """Rollouts and rollout tokens per trajectory of each GPO arm (mean ± 95% CI over its runs)."""
     panels = (("gpo/rollouts_per_trajectory", "rollouts / trajectory"),
               ("gpo/rollout_tokens_per_trajectory", "rollout tokens / trajectory"))
-    data = {key: estimator_values(arms, key) for key, _ in panels}
-    if not any(data.values()):
+    data = {key: arm_values(arms, key) for key, _ in panels}
+    labels = [a.label for a in arms if any(a.label in d for d in data.values())]
+    if not labels:
         return False
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    style = styles(arms)
+    fig, axes = figure(2, 0.45 * len(labels) + 2.2, 3.8, len(labels), max(map(len, labels)))
+    handles: dict[str, Any] = {}
     for ax, (key, title) in zip(axes, panels):
-        names = sorted(data[key])
-        stats = [summarize(data[key][n]) for n in names]
-        ax.bar(names, [st.mean for st in stats], yerr=[st.ci95 or 0.0 for st in stats], capsize=4,
-               color="C0", alpha=0.8)
-        ax.set(title=title, xlabel="estimator", ylabel="mean over runs (bars: 95% CI)")
+        for i, label in enumerate(labels):
+            if label in data[key]:
+                st = summarize(data[key][label])
+                handles[label] = ax.bar(i, st.mean, yerr=st.ci95 or 0.0, capsize=4, color=style[label].color,
+                                        edgecolor="white")
+        ax.set_xticks([])
+        ax.set(title=title, xlabel="GPO arm (colours: legend)", ylabel="mean over runs (bars: 95% CI)")
         ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
+    legend_outside(fig, [handles[lbl] for lbl in labels if lbl in handles], [lbl for lbl in labels if lbl in handles])
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True

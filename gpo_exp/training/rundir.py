@@ -15,7 +15,7 @@ import yaml
 
 SUMMARY = "summary.json"
 CONFIG = ".hydra/config.yaml"  # the job's resolved config, written by gpo_exp.run (hydra.output_subdir is null)
-STATUSES = ("ok", "failed", "diverged")  # summary.json `status`
+STATUSES = ("ok", "no_signal", "failed", "diverged")  # summary.json `status` (no_signal: finished, trained on nothing)
 
 
 def is_finished(run_dir: Path) -> bool:

@@ -12,9 +12,9 @@ For every GPO-X with an X arm, Δ = GPO-X - X for each of the three: by seed (pa
 seeds both arms ran, Welch otherwise), and paired over test rows: each row's greedy correctness
 averaged over seeds, differenced between the arms, t CI over rows (runs that logged
 `eval/diag/greedy_correct`; same test rows in both arms). Writes accuracy_vs_tokens.png: one colour
-per base optimizer, GPO solid with circles, plain dashed with squares, T marked.
+per base optimizer, GPO solid with circles, baseline dashed with squares (gpo_exp.report.style), T marked.
 
-Student t quantiles come from `gpo_exp.report.t_quantile` (scipy.stats.t).
+Student t quantiles come from `gpo_exp.report.stats.t_quantile` (scipy.stats.t).
 """
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from gpo_exp.report import Arm, Row, Run, Stat, summarize, t_quantile, welch_diff
+from gpo_exp.report.stats import summarize, welch_diff
+from gpo_exp.report.types import Arm, Row, Run, Stat
 
 KEY = "eval/accuracy"
 CORRECT = "eval/diag/greedy_correct"  # per-row greedy correctness as a '0'/'1' string (testbed diagnostics)
@@ -196,14 +197,15 @@ def compare(arms: Sequence[Arm], out_dir: Path | None = None) -> Comparison:
     return Comparison("\n".join(lines), rows, pngs, budget, rounds)
 
 
-def arm_token_curve(arm: Arm, curves: dict[int, list[tuple[int, float, float]]], n: int = 60
+def arm_token_curve(arm: Arm, curves: dict[int, list[tuple[int, float, float]]]
                     ) -> tuple[list[float], list[float], list[float]]:
-    """Mean and 95% half-width over seeds of the step curve on a grid up to the arm's smallest final spend."""
+    """The arm's mean step curve over seeds and its 95% half-width, at every token count where one of its
+    runs evaluated, up to the arm's smallest final spend (between two such counts the curve is flat)."""
     pts = [curves[id(r)] for r in arm.runs if len(curves[id(r)]) >= 2]
     if not pts:
         return [], [], []
     end = min(p[-1][1] for p in pts)
-    grid = [end * i / (n - 1) for i in range(n)]
+    grid = sorted({t for p in pts for _, t, _ in p if t <= end} | {end})
     mean, half = [], []
     for g in grid:
         st = summarize([value_at_tokens(p, g) for p in pts])  # type: ignore[misc]
@@ -214,33 +216,35 @@ def arm_token_curve(arm: Arm, curves: dict[int, list[tuple[int, float, float]]],
 
 def plot_accuracy_vs_tokens(arms: Sequence[Arm], curves: dict[int, list[tuple[int, float, float]]], budget: float,
                             path: Path) -> bool:
+    """Accuracy vs cumulative generated tokens as step curves (markers: where a run evaluated), T marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    bases = sorted({a.base for a in arms}, key=lambda b: [a.base for a in arms].index(b))
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    drawn = False
-    for arm in arms:
-        grid, mean, half = arm_token_curve(arm, curves)
-        if not grid:
-            continue
-        color = f"C{bases.index(arm.base) % 10}"
-        style = dict(color=color, linestyle="-" if arm.gpo else "--", marker="o" if arm.gpo else "s", markevery=10)
-        ax.plot(grid, [100 * m for m in mean], label=f"{arm.label} (n={len(arm.runs)})", **style)
-        ax.fill_between(grid, [100 * (m - h) for m, h in zip(mean, half)], [100 * (m + h) for m, h in zip(mean, half)],
-                        color=color, alpha=0.12)
-        drawn = True
+    from gpo_exp.report.style import figure, legend_outside, styles
+
+    style = styles(arms)
+    drawn = [(arm, arm_token_curve(arm, curves)) for arm in arms]
+    drawn = [(arm, c) for arm, c in drawn if c[0]]
     if not drawn:
-        plt.close(fig)
         return False
-    ax.axvline(budget, color="grey", linestyle=":", label=f"equal-token budget T = {budget:,.0f}")
+    labels = [f"{arm.label} (n={len(arm.runs)})" for arm, _ in drawn]
+    fig, (ax,) = figure(1, 6.5, 4.2, len(labels) + 1, max(map(len, labels)))
+    handles = []
+    for (arm, (grid, mean, half)), label in zip(drawn, labels):
+        st = style[arm.label]
+        (h,) = ax.plot(grid, [100 * m for m in mean], drawstyle="steps-post", **st.line())
+        ax.fill_between(grid, [max(0.0, 100 * (m - e)) for m, e in zip(mean, half)],
+                        [min(100.0, 100 * (m + e)) for m, e in zip(mean, half)],
+                        step="post", color=st.color, alpha=0.12, linewidth=0, zorder=1)
+        handles.append(h)
+    handles.append(ax.axvline(budget, color="grey", linestyle=":"))
+    labels.append(f"equal-token budget T = {budget:,.0f}")
     ax.set(xlabel="cumulative generated rollout tokens", ylabel="greedy accuracy (%), mean over seeds",
-           title="accuracy vs generated tokens (band: 95% CI; solid: GPO)")
+           title="accuracy vs generated tokens (band: 95% CI)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    legend_outside(fig, handles, labels, "solid ●: GPO · dashed ■: baseline")
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True

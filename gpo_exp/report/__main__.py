@@ -1,0 +1,6 @@
+"""`python -m gpo_exp.report`."""
+import sys
+
+from gpo_exp.report import main
+
+sys.exit(main())
