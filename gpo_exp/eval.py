@@ -32,7 +32,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from gpo_exp import rundir
+from gpo_exp.training import rundir
 from gpo_exp.benchmarks import BENCHMARKS
 from gpo_exp.benchmarks.base import SPLITS
 from gpo_exp.config import LoggerConfig, WarmStartConfig
@@ -123,7 +123,7 @@ def locate_checkpoint(checkpoint: str) -> tuple[Path, Path | None]:
 def read_run(run_dir: Path) -> dict[str, Any]:
     """What the run in `run_dir` evaluated, from its resolved config (as gpo_exp.run validated it, fast_dev_run
     applied): benchmark config, rows, samples, protocol, engine, precision, threads; plus its reported metrics."""
-    from gpo_exp.config import validate as validate_run
+    from gpo_exp.training.run_config import validate as validate_run
     from gpo_exp.run import apply_fast_dev_run
 
     saved = rundir.saved_config(run_dir)
@@ -245,6 +245,11 @@ def load_model(cfg: EvalConfig) -> tuple[Any, Any, str]:
     from gpo_exp.models import load_hub
     from gpo_exp.training.warmstart import warm_start
 
+    if cfg.model.source == "random":  # a random-init twin of a hub architecture: offline smoke evaluations
+        from gpo_exp.models import build_base
+
+        model, tok = build_base(cfg.model, [])
+        return model, tok, f"{cfg.model.name} (random init, {cfg.model.path} architecture)"
     if cfg.model.source != "tiny":
         model, tok = load_hub(cfg.model)
         return model, tok, f"{cfg.model.name} ({cfg.model.source}: {cfg.model.path or cfg.model.package})"
@@ -360,6 +365,8 @@ def evaluate_model(cfg: DictConfig | dict[str, Any] | EvalConfig) -> dict[str, A
         run = _wandb_run(cfg, out_dir, config)
         per_bench: dict[str, dict[str, float]] = {}
         failed: dict[str, str] = {}  # a benchmark that cannot run is reported; the others' results are kept
+        ci95: dict[str, dict[str, float | None]] = {}  # label -> metric -> 95% CI half-width over rows
+        by_group: dict[str, dict[str, dict[str, float]]] = {}  # label -> group (subject, category, task) -> metrics
         for label in cfg.benchmarks:  # type: ignore[union-attr]
             t0 = time.perf_counter()
             log.info("%s: config from %s", label, bench_source(cfg, label))
@@ -376,10 +383,14 @@ def evaluate_model(cfg: DictConfig | dict[str, Any] | EvalConfig) -> dict[str, A
                                         chat_template=cfg.model.chat_template, seed=cfg.seed)
                 check_context(model, label, [sampler.encode(r) for r in rows],
                               cfg.engine.max_new_tokens or benchmark.cfg.max_new_tokens)
+                per_row: list[dict[str, float]] = []
                 with precision_context(cfg.precision, device):  # type: ignore[arg-type]
                     metrics = evaluate(sampler, rows, cfg.samples, seed=cfg.seed,  # type: ignore[arg-type]
-                                       greedy=cfg.protocol == "greedy")
+                                       greedy=cfg.protocol == "greedy", per_row=per_row)
                 per_bench[label] = {**metrics, "n": len(rows)}
+                ci95[label] = {k: half_width([r[k] for r in per_row]) for k in per_row[0]} if per_row else {}
+                if groups := breakdown(benchmark, rows, per_row):
+                    by_group[label] = groups
             except Exception as e:  # noqa: BLE001 - one benchmark's failure must not lose the others' results
                 msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
                 failed[label] = msg if isinstance(e, ConfigError) else f"{type(e).__name__}: {msg}"
@@ -397,18 +408,82 @@ def evaluate_model(cfg: DictConfig | dict[str, Any] | EvalConfig) -> dict[str, A
     result = {"model": desc, "split": cfg.split, "samples": cfg.samples, "seed": cfg.seed,
               "protocol": cfg.protocol, "headline": headline_metric(cfg.protocol), "benchmarks": per_bench,  # type: ignore[arg-type]
               "avg": average(per_bench) if per_bench else {}, "seconds": seconds, **({"failed": failed} if failed else {})}
+    result["ci95"] = ci95
+    if by_group:
+        result["breakdown"] = by_group
     if cfg.from_run is not None:
         result["run"] = {"dir": cfg.from_run["dir"], "reported": cfg.from_run["reported"]}
     result["names"] = {label: cfg.bench[label].name for label in cfg.benchmarks}  # type: ignore[union-attr]
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "eval.json").write_text(json.dumps({**result, "config": config}, indent=2, default=str))
+        if per_bench:
+            md, csv_text = paper_table(result)
+            (out_dir / "table.md").write_text(md + "\n")
+            (out_dir / "table.csv").write_text(csv_text)
     if run is not None:
         flat = flat_metrics(result)
         run.log({k: v for k, v in flat.items() if k.startswith("eval/avg/")})
         run.summary.update(flat)
         run.finish()
     return result
+
+
+def half_width(values: list[float]) -> float | None:
+    """95% confidence half-width of the mean of per-row values (Student t over rows; None for one row)."""
+    from gpo_exp.report.stats import summarize
+
+    return summarize(values).ci95 if values else None
+
+
+def breakdown(benchmark: Any, rows: list[dict[str, Any]], per_row: list[dict[str, float]]
+              ) -> dict[str, dict[str, float]]:
+    """{group: {n, metric: mean over the group's rows}} for benchmarks whose rows have a group
+    (MMLU's subject, MMLU-Pro's category, BBH's task, MATH's subject); {} otherwise."""
+    groups: dict[str, list[dict[str, float]]] = {}
+    for row, r in zip(rows, per_row):
+        g = benchmark.group_of(row)
+        if g is not None:
+            groups.setdefault(str(g), []).append(r)
+    return {g: {"n": len(rs), **{k: sum(r[k] for r in rs) / len(rs) for k in rs[0]}} for g, rs in sorted(groups.items())}
+
+
+# Column names of the paper's Table 1, by benchmark name (others keep their label).
+PAPER_NAMES = {"bbh": "BBH", "math": "MATH", "math500": "MATH", "gsm8k": "GSM8K", "mmlu": "MMLU",
+               "mmlu_pro": "MMLU-Pro", "aime24": "AIME24", "aime25": "AIME25"}
+
+
+def paper_table(result: dict[str, Any]) -> tuple[str, str]:
+    """The paper's Table 1 shape (markdown, csv): one row for the model, one column per benchmark and the
+    average, cells = the protocol's headline metric in % with its 95% CI half-width over rows. The average's
+    half-width treats the benchmarks as independent: sqrt(sum of squared half-widths) / count."""
+    metric = result["headline"]
+    names = result.get("names", {})
+    cols = [(label, PAPER_NAMES.get(names.get(label, label), label)) for label in result["benchmarks"]]
+    cells, csv_cells, hws = [], [], []
+    for label, _ in cols:
+        mean, hw = result["benchmarks"][label][metric], result.get("ci95", {}).get(label, {}).get(metric)
+        hws.append(hw)
+        cells.append(f"{100 * mean:.1f}" + (f" ± {100 * hw:.1f}" if hw is not None else ""))
+        csv_cells += [f"{100 * mean:.2f}", "" if hw is None else f"{100 * hw:.2f}"]
+    avg = sum(result["benchmarks"][label][metric] for label, _ in cols) / len(cols)
+    avg_hw = (sum(h * h for h in hws) ** 0.5 / len(hws)) if all(h is not None for h in hws) else None
+    cells.append(f"{100 * avg:.1f}" + (f" ± {100 * avg_hw:.1f}" if avg_hw is not None else ""))
+    csv_cells += [f"{100 * avg:.2f}", "" if avg_hw is None else f"{100 * avg_hw:.2f}"]
+    heads = [name for _, name in cols] + ["Avg"]
+    model = str(result["model"]).replace("|", "/")
+    md = "\n".join([f"{metric} (%), 95% CI over problems; n = "
+                     + ", ".join(f"{name} {result['benchmarks'][label]['n']}" for label, name in cols),
+                     "", "| model | " + " | ".join(heads) + " |", "|---|" + "---|" * len(heads),
+                     f"| {model} | " + " | ".join(cells) + " |"])
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["model", "metric", *[x for h in heads for x in (h, f"{h} ci95")]])
+    w.writerow([result["model"], metric, *csv_cells])
+    return md, buf.getvalue()
 
 
 def run_comparison(result: dict[str, Any]) -> str | None:
@@ -435,6 +510,8 @@ def main(dcfg: DictConfig) -> dict[str, Any]:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(f"\n{result['model']}, {result['split']} split\n\n{markdown_table(result)}", flush=True)
+    if len(result["benchmarks"]) > 1:
+        print(f"\n{paper_table(result)[0]}", flush=True)
     if line := run_comparison(result):
         print(f"\n{line}", flush=True)
     out = Path(dcfg.output_dir or HydraConfig.get().runtime.output_dir)

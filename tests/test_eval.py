@@ -107,7 +107,7 @@ def test_random_checkpoint_on_two_benchmarks_writes_eval_json(compose, checkpoin
     result = evaluate_model(compose([f"checkpoint={checkpoint}", *ARITH_S1, *QUICK, f"output_dir={tmp_path}"]))
     metrics = {"accuracy", "sampled_accuracy", "pass@2", "maj@2", "truncated"}
     assert set(result) == {"model", "split", "samples", "seed", "protocol", "headline", "benchmarks", "avg", "seconds",
-                           "names"}
+                           "names", "ci95"}
     assert (result["protocol"], result["headline"]) == ("greedy", "accuracy")
     assert list(result["benchmarks"]) == ["arith", "arith_s1"]
     for m in result["benchmarks"].values():

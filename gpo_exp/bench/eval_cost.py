@@ -1,14 +1,14 @@
 """What `python -m gpo_exp.eval` costs against the run's own in-round evaluation of the same rows.
 
-    python -m gpo_exp.bench.eval_cost <run dir> [--repeats 2]
+    python -m gpo_exp.bench.eval_cost <run dir> [--repeats 2] [--old]
 
-Three timings in one process, on the run's final checkpoint, interleaved `--repeats` times (medians):
+Timings in one process, on the run's final checkpoint, interleaved `--repeats` times (medians):
 
   in-run      what GPORoundCallback._evaluate generates: rollout.evaluate on the run's eval rows with
               the run's protocol and samples, one CPU thread for the tiny model (policy_setup's rule)
   eval        `gpo_exp.eval checkpoint=<run>/checkpoint` as it is now (the run's config by default)
-  eval-old    what the README's eval example did before it read the run: every CPU thread and the
-              stand-alone defaults (4 samples per row on top of greedy) on the same benchmark and rows
+  eval-old    (--old) what the README's eval example did before it read the run: every CPU thread and
+              the stand-alone defaults (4 samples per row on top of greedy) on the same benchmark and rows
 
 It checks that eval's headline equals the run's reported `eval/<metric>_after` and prints the ratios.
 """
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from gpo_exp import rundir
+from gpo_exp.training import rundir
 
 
 def time_in_run(run_dir: Path) -> tuple[float, dict[str, float]]:
@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run_dir", type=Path, help="a finished gpo_exp.run directory (with checkpoint/ and .hydra/)")
     ap.add_argument("--repeats", type=int, default=2, help="interleaved timings of each method (median reported)")
+    ap.add_argument("--old", action="store_true", help="also time the old defaults (slow on a busy CPU: 5x the generation)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if rundir.saved_config(args.run_dir) is None or not (args.run_dir / "checkpoint").is_dir():
@@ -82,11 +83,13 @@ def main(argv: list[str] | None = None) -> None:
     # The benchmark the old README example needed to name to get the run's number (its config is the run's).
     old = {"benchmarks": ["b"], "bench": {"b": run["benchmark"]}, "samples": 4, "protocol": "greedy",
            "cpu_threads": cpu_threads(), "max_rows": run["rows"]}
-    times: dict[str, list[float]] = {"in-run": [], "eval": [], "eval-old": []}
+    methods = [("in-run", lambda: time_in_run(args.run_dir)), ("eval", lambda: time_eval(args.run_dir))]
+    if args.old:
+        methods.append(("eval-old", lambda: time_eval(args.run_dir, **old)))
+    times: dict[str, list[float]] = {name: [] for name, _ in methods}
     values: dict[str, float] = {}
     for _ in range(args.repeats):
-        for name, fn in (("in-run", lambda: time_in_run(args.run_dir)), ("eval", lambda: time_eval(args.run_dir)),
-                         ("eval-old", lambda: time_eval(args.run_dir, **old))):
+        for name, fn in methods:
             s, res = fn()
             times[name].append(s)
             values[name] = res[metric]
