@@ -165,7 +165,7 @@ def train(cfg: Resolved, run_dir: Path, config: dict[str, Any], overrides: list[
         reload_dataloaders_every_n_epochs=1, num_sanity_val_steps=0, limit_val_batches=0,
         enable_checkpointing=False,  # round checkpoints come from GPORoundCallback (after its eval, before the next round's data)
         enable_progress_bar=cfg.trainer.progress_bar, enable_model_summary=False,
-        logger=loggers or False, callbacks=[rounds, *progress_bar(cfg)], log_every_n_steps=1,
+        logger=loggers or False, callbacks=[*progress_bar(cfg), rounds], log_every_n_steps=1,  # bar first: see RoundBar
         default_root_dir=str(run_dir))
     for lg in trainer.loggers:
         if lg.__class__.__name__ == "WandbLogger" and trainer.is_global_zero:
@@ -176,8 +176,9 @@ def train(cfg: Resolved, run_dir: Path, config: dict[str, Any], overrides: list[
         log.info("resuming %s from its round %d checkpoint", run_dir, last[0])
     status, extra = "ok", {}
     try:
-        trainer.fit(module, datamodule=dm, ckpt_path=str(last[1]) if last is not None else None,
-                    weights_only=False)  # our own checkpoint: it holds the RNG states and the round history
+        with quiet_bars(cfg.trainer.progress_bar):
+            trainer.fit(module, datamodule=dm, ckpt_path=str(last[1]) if last is not None else None,
+                        weights_only=False)  # our own checkpoint: it holds the RNG states and the round history
     except FloatingPointError as e:  # Diverged (weights), or the module's non-finite loss
         status = "diverged"
         extra = {"error": rundir.one_line(e), "diverged_round": e.round if isinstance(e, Diverged) else rounds.round}
@@ -256,18 +257,59 @@ def keep_csv_rows(loggers: list[Any], run_dir: Path, ckpt_path: Path) -> None:
     aside.unlink()
 
 
+K_ESTIMATORS = ("mc", "bisect")  # estimators whose K (draws per probed prefix) is their main knob
+
+
+def run_header(cfg: Resolved, run_dir: Path) -> str:
+    """The run's first line: the arm and what it does (a baseline runs no estimator), and where it writes."""
+    if cfg.gpo.enabled:
+        k = getattr(cfg.estimator, "k", None)
+        what = f"GPO, critical step by {cfg.estimator.name}" + (f" (K={k})" if cfg.estimator.name in K_ESTIMATORS else "")
+    else:
+        what = "baseline: whole-trajectory examples from the prompt, no critical step"
+    smoke = (f" | fast_dev_run: 1 round, {cfg.gpo.prompts_per_round} prompts, {cfg.trainer.eval_rows} test rows"
+             if cfg.trainer.fast_dev_run else f" | {cfg.trainer.rounds} rounds")
+    return (f"arm {cfg.name} ({what}) | model {cfg.model.name} | benchmark {cfg.benchmark.name}{smoke}"
+            f" | run dir {run_dir}")
+
+
 def progress_bar(cfg: Resolved) -> list[Any]:
     """Lightning's bar, saying "round r/R" instead of "Epoch r-1/R-1"."""
     if not cfg.trainer.progress_bar:
         return []
     from pytorch_lightning.callbacks import TQDMProgressBar
+    from pytorch_lightning.callbacks.progress.tqdm_progress import convert_inf
 
     class RoundBar(TQDMProgressBar):
+        """One bar per round, created when the round's training starts and closed (kept as one line) when it
+        ends. It runs before the round callback (see make_trainer), so a round's bar is closed before that
+        round's evaluation and the next round's data are logged: the console reads in order."""
+
+        def __init__(self) -> None:
+            super().__init__(leave=True)
+
+        @property
+        def train_description(self) -> str:
+            return f"round {self.trainer.current_epoch + 1}/{self.trainer.max_epochs}"
+
+        def on_train_start(self, *args: Any) -> None:
+            pass  # no bar for the whole fit: each round gets its own
+
         def on_train_epoch_start(self, trainer: Any, *args: Any) -> None:
-            super().on_train_epoch_start(trainer, *args)
-            self.train_progress_bar.set_description(f"round {trainer.current_epoch + 1}/{trainer.max_epochs}")
+            self.train_progress_bar = self.init_train_tqdm()
+            self.train_progress_bar.reset(convert_inf(self.total_train_batches))
 
     return [RoundBar()]
+
+
+def quiet_bars(enabled: bool) -> Any:
+    """While progress bars are on, log lines are written through tqdm (above the bar), so the round log
+    and the bars never interleave on the console."""
+    from contextlib import nullcontext
+
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    return logging_redirect_tqdm() if enabled else nullcontext()
 
 
 def hist_line(hist: list[int]) -> str:
@@ -278,7 +320,8 @@ def hist_line(hist: list[int]) -> str:
 def print_table(summary: dict[str, Any], run_dir: Path) -> None:
     rows = [("arm", summary["arm"])]
     if summary.get("eval/accuracy_before") is not None:
-        rows.append(("greedy accuracy", f"{summary['eval/accuracy_before']:.3f} -> {summary['eval/accuracy_after']:.3f}"))
+        n = f" on {summary['eval/rows']} test rows" if summary.get("eval/rows") is not None else ""
+        rows.append(("greedy accuracy", f"{summary['eval/accuracy_before']:.3f} -> {summary['eval/accuracy_after']:.3f}{n}"))
     if "eval/sampled_accuracy_before" in summary:
         rows.append(("sampled accuracy", f"{summary['eval/sampled_accuracy_before']:.3f} -> "
                                          f"{summary['eval/sampled_accuracy_after']:.3f}"))
@@ -426,9 +469,7 @@ def run_job(dcfg: DictConfig) -> float:
         except OSError as e:  # read-only or full disk: nothing computed yet, nothing lost
             _error(f"cannot write to the run directory {run_dir}: {rundir.one_line(e)}")
             raise _Stop(2) from None
-    log.info("arm %s | model %s | benchmark %s | estimator %s (K=%s) | %d rounds | run dir %s", cfg.name,
-             cfg.model.name, cfg.benchmark.name, cfg.estimator.name if cfg.gpo.enabled else "-",
-             getattr(cfg.estimator, "k", "-"), cfg.trainer.rounds, run_dir)
+    log.info("%s", run_header(cfg, run_dir))
     try:
         summary = train(cfg, run_dir, config, overrides)  # type: ignore[arg-type]
     except KeyboardInterrupt:

@@ -138,7 +138,13 @@ def test_testbed_run_logs_the_trap_diagnostics(compose, tmp_path):
     assert cfg.benchmark.trap == "sign" and cfg.trainer.eval_rows == 16
     summary = train(cfg, tmp_path, OmegaConf.to_container(dcfg, resolve=True))
     assert summary["warm_start/source"] in ("shipped", "cache")
-    assert summary["eval/diag/rows_before"] == 16 and len(summary["eval/diag/greedy_correct_after"]) == 16
+    assert summary["eval/diag/rows_before"] == 16 and summary["eval/rows"] == 16
+    assert not any("greedy_correct" in k for k in summary)  # the per-row 0/1s have their own file per evaluation
+    for r in (0, 1):
+        lines = (tmp_path / "rounds" / f"round{r:03d}_eval.jsonl").read_text().splitlines()
+        assert [json.loads(x)["row"] for x in lines] == list(range(16))
+    after = [json.loads(x)["greedy_correct"] for x in (tmp_path / "rounds" / "round001_eval.jsonl").read_text().splitlines()]
+    assert sum(after) / 16 == pytest.approx(summary["eval/diag/greedy_accuracy_after"])
     # the diagnostics' own greedy pass agrees with the evaluation's
     assert summary["eval/diag/greedy_accuracy_before"] == summary["eval/accuracy_before"]
     assert 0.3 < summary["eval/diag/p_mistake_before"] < 0.8  # the teacher's trap_p is 0.5

@@ -17,10 +17,10 @@ import engine_reference as ref
 
 LIMIT = 24
 CACHES = [  # every way the loop can run: cache kind x how often the host looks x when it compacts
-    dict(),  # static, a check every 8 steps, compaction once half the rows finished
-    dict(sync_every=1, compact_below=1.0),  # static, compaction as soon as a row finishes
+    dict(),  # static, on the CPU: a check every step, compaction as soon as a row finished
+    dict(sync_every=8, compact_below=0.5),  # static, the accelerator schedule: compaction once half the rows finished
     dict(sync_every=3, compact_below=0.0),  # static, never compacted
-    dict(kv_cache="dynamic"),
+    dict(kv_cache="dynamic", sync_every=8, compact_below=0.5),
     dict(kv_cache="dynamic", sync_every=1, compact_below=1.0),  # the previous loop's schedule
     dict(batch_size=5, sync_every=2),  # several batches, the last one short
 ]
@@ -197,6 +197,17 @@ def test_engine_dtype_cannot_widen_the_policys_weights(data):
     with pytest.raises(ConfigError, match=r"^bad config engine.dtype='float32': the policy's weights are torch.bfloat16"):
         run(model, tok, pre[:3], sid[:3], dtype="float32")
     assert len(run(model, tok, pre[:3], sid[:3], dtype="auto")) == 3
+
+
+def test_default_schedule_follows_the_device(data):
+    tok, _, _ = data
+    eng = HFRolloutEngine(build("gpt2", tok), eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+    assert eng._schedule(torch.device("cpu")) == (1, 1.0)
+    assert eng._schedule(torch.device("cuda")) == (8, 0.5)
+    eng.cfg = EngineConfig(sync_every=3, compact_below=0.25)
+    assert eng._schedule(torch.device("cuda")) == (3, 0.25)
+    eng.cfg = EngineConfig(compile=True)
+    assert eng._schedule(torch.device("cuda")) == (8, 0.0)  # a compiled step keeps its batch size
 
 
 def test_bad_decoding_config():

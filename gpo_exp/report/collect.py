@@ -45,6 +45,19 @@ def _read_rounds(path: Path) -> list[dict[str, Any]]:
     return out
 
 
+def _read_row_correct(rounds_dir: Path) -> dict[int, str]:
+    """Round -> '0'/'1' per diagnosed test row, from rounds/roundNNN_eval.jsonl (testbed runs)."""
+    out = {}
+    for path in sorted(rounds_dir.glob("round*_eval.jsonl")) if rounds_dir.is_dir() else []:
+        m = re.fullmatch(r"round(\d+)_eval\.jsonl", path.name)
+        try:
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            out[int(m.group(1))] = "".join(str(int(r["greedy_correct"])) for r in rows) if m else ""
+        except (OSError, ValueError, KeyError, TypeError):  # a torn file (a killed run): no paired rows for it
+            continue
+    return {r: v for r, v in out.items() if v}
+
+
 def collect_runs(path: str | Path) -> tuple[list[Run], list[str]]:
     """Finished runs under `path` and labels of the jobs without results (failed, partial, never started)."""
     runs, missing, failed = collect_jobs(path)
@@ -120,7 +133,7 @@ def collect_jobs(path: str | Path) -> tuple[list[Run], list[str], list[str]]:
         config = summary.get("config")
         if not isinstance(config, dict):  # older runs: fall back to Hydra's saved config
             config = _read_yaml(d / ".hydra" / "config.yaml") or {}
-        runs.append(Run(rel, summary, config, _read_rounds(d / "rounds.jsonl")))
+        runs.append(Run(rel, summary, config, _read_rounds(d / "rounds.jsonl"), _read_row_correct(d / "rounds")))
     for job in _expected_jobs(root) or []:
         if _normal(job) not in seen_jobs:
             missing.append(f"{' '.join(job)} [never started: no job directory]")

@@ -10,8 +10,8 @@ For every arm, over its seeds (mean ± 95% Student-t half-width):
 
 For every GPO-X with an X arm, Δ = GPO-X - X for each of the three: by seed (paired t over the
 seeds both arms ran, Welch otherwise), and paired over test rows: each row's greedy correctness
-averaged over seeds, differenced between the arms, t CI over rows (runs that logged
-`eval/diag/greedy_correct`; same test rows in both arms). Writes accuracy_vs_tokens.png: one colour
+averaged over seeds, differenced between the arms, t CI over rows (runs that wrote
+rounds/roundNNN_eval.jsonl, one line per diagnosed test row; same test rows in both arms). Writes accuracy_vs_tokens.png: one colour
 per base optimizer, GPO solid with circles, baseline dashed with squares (gpo_exp.report.style), T marked.
 
 Student t quantiles come from `gpo_exp.report.stats.t_quantile` (scipy.stats.t).
@@ -27,7 +27,7 @@ from gpo_exp.report.stats import summarize, welch_diff
 from gpo_exp.report.types import Arm, Row, Run, Stat
 
 KEY = "eval/accuracy"
-CORRECT = "eval/diag/greedy_correct"  # per-row greedy correctness as a '0'/'1' string (testbed diagnostics)
+CORRECT = "eval/diag/greedy_correct"  # per-row greedy correctness in a rounds.jsonl record (runs before rounds/roundNNN_eval.jsonl)
 MEASURES = ("eq_rounds", "eq_tokens", "auc_tokens")
 
 
@@ -102,7 +102,7 @@ def row_correctness(runs: Sequence[Run], pick) -> list[float] | None:
     vecs = []
     for run in runs:
         rec = pick(run)
-        s = rec.get(CORRECT) if rec else None
+        s = (run.row_correct.get(rec["round"]) or rec.get(CORRECT)) if rec else None  # older runs: in the record
         if not isinstance(s, str):
             return None
         vecs.append([c == "1" for c in s])

@@ -56,6 +56,7 @@ class Run:
     summary: dict[str, Any]
     config: dict[str, Any]
     rounds: list[dict[str, Any]] = field(default_factory=list)
+    row_correct: dict[int, str] = field(default_factory=dict)  # round -> greedy correctness per diagnosed test row ('0'/'1')
 
     def cfg(self, key: str, default: Any = None) -> Any:
         return _get(self.config, key, default)

@@ -41,8 +41,8 @@ class EngineConfig:
     sort_by_length: bool = True  # bucket requests by prefix length so batches are densely packed (hf only)
     dedup: bool = True  # generate identical (prefix, sample index) requests once
     kv_cache: str = "static"  # hf only. static: preallocated for prefix + max_new_tokens, written in place (transformers' StaticCache) | dynamic: DynamicCache, grown by concatenation every token
-    sync_every: int = 8  # hf only: decoding steps between host checks for finished rows (each check waits for the device); 1: every step
-    compact_below: float = 0.5  # hf only: at a check, drop finished rows from the batch (one copy of the KV cache) once at most this share still runs; 0: never, 1: whenever a row finished
+    sync_every: int | None = None  # hf only: decoding steps between host checks for finished rows (each waits for the device); null: 1 on the CPU (a check costs nothing there), 8 on accelerators
+    compact_below: float | None = None  # hf only: at a check, drop finished rows from the batch (one copy of the KV cache) once at most this share still runs; 0: never, 1: whenever a row finished; null: 1 on the CPU (finished rows would cost compute), 0.5 on accelerators
     dtype: str = "auto"  # hf only: dtype the engine computes in: auto (the policy's) | float32 | bfloat16 | float16; below the weights' dtype it autocasts (weights cast once per batch; sampling and log-probs in fp32)
     compile: bool = False  # hf only: torch.compile the decode step (needs kv_cache=static; on the CPU a C++ compiler); compaction is then off, as every batch size is a new graph
     # engine.backend=vllm only (rollout/vllm_engine.py):
@@ -63,8 +63,9 @@ class EngineConfig:
         check(self.max_new_tokens is None or self.max_new_tokens >= 1, "engine.max_new_tokens",
               self.max_new_tokens, ">= 1 or null")
         check(self.kv_cache in ("static", "dynamic"), "engine.kv_cache", self.kv_cache, "static or dynamic")
-        check(self.sync_every >= 1, "engine.sync_every", self.sync_every, ">= 1")
-        check(0 <= self.compact_below <= 1, "engine.compact_below", self.compact_below, "in [0, 1]")
+        check(self.sync_every is None or self.sync_every >= 1, "engine.sync_every", self.sync_every, ">= 1 or null")
+        check(self.compact_below is None or 0 <= self.compact_below <= 1, "engine.compact_below", self.compact_below,
+              "in [0, 1] or null")
         check(self.dtype in ENGINE_DTYPES, "engine.dtype", self.dtype, f"one of {', '.join(ENGINE_DTYPES)}")
         check(not self.compile or self.kv_cache == "static", "engine.compile", self.compile,
               "false with engine.kv_cache=dynamic (a compiled step needs the static cache's fixed shapes)")
@@ -291,7 +292,8 @@ class HFRolloutEngine:
     cache is copied to the K rows. The cache is preallocated for prefix + max_new_tokens and written
     in place (`kv_cache=static`), so a step copies nothing. Finished rows are found on the device;
     the host looks every `sync_every` steps, stops when all rows have finished, and compacts the
-    finished rows out of the batch (one copy of the cache) once at most `compact_below` of it runs.
+    finished rows out of the batch (one copy of the cache) once at most `compact_below` of it runs
+    (by default every step and at once on the CPU, every 8 steps and at half on accelerators).
     Between checks finished rows keep decoding; their tokens after eos are dropped.
     """
 
@@ -371,6 +373,16 @@ class HFRolloutEngine:
                 layer.keys = layer.keys.index_select(0, rows)
                 layer.values = layer.values.index_select(0, rows)
 
+    def _schedule(self, device: torch.device) -> tuple[int, float]:
+        """(steps between host checks, running share at or below which to compact) for this device.
+        On the CPU a check is free and a finished row's step is not, so both default to every time;
+        on an accelerator a check drains its queue and a compaction copies the whole cache, so rarely.
+        A compiled step never compacts: each new batch size would be a new graph."""
+        cpu = device.type == "cpu"
+        sync = self.cfg.sync_every or (1 if cpu else 8)
+        compact = self.cfg.compact_below if self.cfg.compact_below is not None else (1.0 if cpu else 0.5)
+        return sync, 0.0 if self.cfg.compile else compact
+
     def _step_fn(self):
         """The decode step: (tokens, positions, mask, cache) -> last-position logits; compiled once on request."""
         arg = kv_cache_arg()
@@ -433,7 +445,7 @@ class HFRolloutEngine:
         toks = torch.full((B, limit), self.pad_id, dtype=torch.long, device=device)
         lps = torch.zeros((B, limit), dtype=torch.float32, device=device)
         step = self._step_fn()
-        compact_below = 0.0 if self.cfg.compile else self.cfg.compact_below
+        sync_every, compact_below = self._schedule(device)
         for t in range(limit):
             tok = choose_tokens(logits, key_t, t, temperature, self.cfg.top_p, greedy)
             # the model's own log-prob of the chosen token (estimators read the policy's confidence from it)
@@ -446,7 +458,7 @@ class HFRolloutEngine:
             if t == limit - 1:
                 break
             done |= tok == self.eos_id
-            if (t + 1) % self.cfg.sync_every == 0:  # the only host reads of the loop
+            if (t + 1) % sync_every == 0:  # the only host reads of the loop
                 running = int((~done).sum())
                 if running == 0:
                     break

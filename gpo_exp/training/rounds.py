@@ -335,6 +335,10 @@ class GPORoundCallback(pl.Callback):
             greedy=greedy if trainer.world_size == 1 else None).items()})
         dt = time.perf_counter() - t0
         self.history.totals["time/eval_s"] += dt
+        correct = res.pop("diag/greedy_correct", None)  # one 0/1 per diagnosed test row: its own file, not the records
+        if correct is not None and trainer.is_global_zero:
+            _jsonl(self.data_dir / f"round{r:03d}_eval.jsonl",
+                   [{"row": i, "greedy_correct": int(c)} for i, c in enumerate(correct)])
         record = {"round": r, **{f"eval/{k}": v for k, v in res.items()},
                   "rollout/generated_tokens": self.history.totals["rollout/generated_tokens"],
                   "train/examples": self.history.totals["gpo/examples"],  # cumulative: compare arms at equal examples
@@ -396,7 +400,7 @@ class GPORoundCallback(pl.Callback):
         first, last = h.rounds[0], h.rounds[-1]
         out: dict[str, Any] = {
             "eval/accuracy_before": first.get("eval/accuracy"), "eval/accuracy_after": last.get("eval/accuracy"),
-            "rounds": len(h.rounds) - 1, **h.totals, **summary_diagnostics(h.rounds),
+            "rounds": len(h.rounds) - 1, "eval/rows": len(self.eval_rows), **h.totals, **summary_diagnostics(h.rounds),
         }
         for k in first:
             if k.startswith("eval/") and k != "eval/accuracy":
