@@ -231,21 +231,30 @@ def train(cfg: Resolved, run_dir: Path, config: dict[str, Any], overrides: list[
 
 
 def keep_csv_rows(loggers: list[Any], run_dir: Path, ckpt_path: Path) -> None:
-    """Resume: Lightning's CSVLogger deletes an existing metrics.csv; keep its rows up to the checkpoint's step."""
+    """Resume: keep metrics.csv's rows up to the checkpoint's step. Lightning's CSVLogger would delete the file
+    (warning "Previous log files in this directory will be deleted"); the rows are set aside first (a kill in
+    between loses nothing: the next resume reads them back), the old file removed, and the kept rows rewritten."""
     import csv
 
     import torch
 
     csv_loggers = [lg for lg in loggers if lg.__class__.__name__ == "CSVLogger"]
     path = run_dir / "csv" / "metrics.csv"
-    if not csv_loggers or not path.is_file():
+    aside = run_dir / ".metrics.csv.resume"  # outside csv/: the logger warns about any file there
+    if not csv_loggers or not (path.is_file() or aside.is_file()):
         return
+    if path.is_file():
+        os.replace(path, aside)  # atomic: either file holds the rows at every moment
     step = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True).get("global_step", 0)
-    with path.open(newline="") as f:
+    with aside.open(newline="") as f:
         rows = [r for r in csv.DictReader(f) if not r.get("step", "").isdigit() or int(r["step"]) <= step]
-    writer = csv_loggers[0].experiment  # created now: this is where it deletes the old file
+    for p in path.parent.iterdir():  # hparams.yaml etc.: rewritten by the logger; an empty directory, no warning
+        if p.is_file():
+            p.unlink()
+    writer = csv_loggers[0].experiment  # created now, on a directory holding only the set-aside rows
     writer.metrics.extend({k: v for k, v in r.items() if v != ""} for r in rows)
     writer.save()
+    aside.unlink()
 
 
 K_ESTIMATORS = ("mc", "bisect")  # estimators whose K (draws per probed prefix) is their main knob
@@ -345,10 +354,21 @@ def print_table(summary: dict[str, Any], run_dir: Path) -> None:
 
 
 class _Stop(Exception):
-    """End main() with this exit code (in a multirun: record and go on to the next job)."""
+    """End main() with this exit code (in a multirun: record and go on to the next job, unless `stop_all`:
+    a stop signal or Ctrl-C ends the whole sweep, whose rerun resumes the partial jobs)."""
 
-    def __init__(self, code: int) -> None:
+    def __init__(self, code: int, stop_all: bool = False) -> None:
         self.code = code
+        self.stop_all = stop_all
+
+
+def signal_exit_code(name: str) -> int:
+    """128 + the signal's number (SIGTERM 143, SIGUSR1 138): the shell's code for a process ended by that signal,
+    so a wrapper or scheduler sees an interrupted job, not a finished one. Under sbatch the job is requeued
+    (scontrol requeue) before this exit, and SLURM restarts a requeued job whatever its exit code."""
+    import signal
+
+    return 128 + int(signal.Signals[name])
 
 
 def _error(msg: str) -> None:
@@ -420,7 +440,14 @@ def run_job(dcfg: DictConfig) -> float:
             config = OmegaConf.to_container(dcfg, resolve=True)  # type: ignore[assignment]
         except Exception:  # noqa: BLE001 - an unresolvable value: validate() below names it
             config = None
-        cfg = validate(dcfg)
+        try:
+            cfg = validate(dcfg)
+        except ConfigError as e:
+            if not explicit_resume:
+                raise
+            raise ConfigError(f"cannot resume {run_dir}: its saved config ({rundir.CONFIG}) does not validate with this "
+                              f"version of gpo_exp ({e}); resume it with the version that started it, or fix that key "
+                              f"in {run_dir / rundir.CONFIG}") from None
         if cfg.trainer.fast_dev_run:
             apply_fast_dev_run(cfg)
         saved = rundir.saved_config(run_dir)
@@ -450,14 +477,14 @@ def run_job(dcfg: DictConfig) -> float:
             from gpo_exp.training.rounds import interrupted_line
 
             print(interrupted_line(run_dir), flush=True)
-        raise _Stop(130) from None
+        raise _Stop(130, stop_all=True) from None
     except ConfigError as e:  # found once the data is loaded (a benchmark file, the tiny model's context)
         _error(str(e))
         if rank0:
             rundir.record_failure(run_dir, "failed", f"ConfigError: {e}", config, cfg.name)
         raise _Stop(2) from None
     except SystemExit as e:  # Lightning ends a Ctrl-C'd fit with sys.exit(1), after the callback printed where the run is
-        raise _Stop(130 if e.code == 1 else int(e.code or 0)) from None
+        raise _Stop(130 if e.code == 1 else int(e.code or 0), stop_all=True) from None
     except Exception as e:  # noqa: BLE001 - any failure: one line here, the traceback in run.log, a failed summary
         _error(f"{rundir.one_line(e)} (run {run_dir}; traceback in run.log)")
         _log_traceback(e)
@@ -469,7 +496,7 @@ def run_job(dcfg: DictConfig) -> float:
             print(f"stopped by {summary['signal']} after round {summary['stopped_after_round']}; continue with: "
                   f"python -m gpo_exp.run resume={run_dir}", flush=True)
         distributed.requeue_if_slurm()
-        raise _Stop(0)
+        raise _Stop(signal_exit_code(summary["signal"]), stop_all=True)
     if rank0:
         print_table(summary, run_dir)
     if summary["status"] == "no_signal":
@@ -487,7 +514,7 @@ def main(dcfg: DictConfig) -> float:
     try:
         return run_job(dcfg)
     except _Stop as stop:
-        if HydraConfig.get().mode.name == "MULTIRUN" and distributed.CHILD_ENV not in os.environ:
+        if HydraConfig.get().mode.name == "MULTIRUN" and distributed.CHILD_ENV not in os.environ and not stop.stop_all:
             return float("nan")  # recorded in the job's directory; the sweep goes on to its next job
         sys.exit(stop.code)
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+from pathlib import Path
 
 from gpo_exp.benchmarks import get
 
@@ -172,3 +173,20 @@ def test_two_traps_per_chain():
     for r in b.load("train"):
         assert len(r["pivots"]) == 2 and [i for i, (op, _) in enumerate(r["ops"]) if op == "-" and i >= 1] == r["pivots"]
         _check_chain(r["solution"], r, set(r["pivots"]))
+
+
+def test_multi_trap_testbed_config_holds_three_traps_and_refuses_a_fourth():
+    """conf/benchmark/arith_testbed_multi.yaml: three traps in every 5-6 step chain; a fourth does not fit
+    a 5-step chain (n_ops[0] - trap_from - n_mul = 3): one line naming the key and the limit."""
+    import yaml
+
+    conf = yaml.safe_load((Path(__file__).resolve().parents[1] / "conf" / "benchmark" / "arith_testbed_multi.yaml").read_text())
+    conf = {k: v for k, v in conf.items() if k != "name"}
+    b = get("arith", **{**conf, "sizes": {"train": 200, "val": 10, "test": 50}})
+    rows = b.load("train")
+    assert all(len(r["pivots"]) == 3 and 5 <= len(r["ops"]) <= 6 for r in rows)
+    assert all(len(r["prompt"]) + len(r["solution"]) + 2 <= 160 for r in rows)  # fits the tiny model (max_len 160)
+    with pytest.raises(ConfigError) as e:
+        get("arith", **{**conf, "traps_per_chain": 4})
+    msg = str(e.value)
+    assert "benchmark.traps_per_chain=4" in msg and "<= n_ops[0] - trap_from - n_mul = 3" in msg and "\n" not in msg

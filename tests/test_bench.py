@@ -128,3 +128,22 @@ def test_memory_bench_new_path_is_smaller_and_prints_the_table(capsys: pytest.Ca
     assert all(float(r[3]) > 2.5 for r in rows) and int(rows[1][1]) > int(rows[0][1])
     assert int(rows[1][2]) < 1.5 * 128 + 64
     assert "new-path slope, precompute (MB per 1k tokens, T 200->400): V=30000" in out
+
+
+def test_reuse_bench_counts_examples_and_tokens_per_variant():
+    from gpo_exp.bench import reuse
+
+    out = reuse.main(["--variants", "baseline,replace_all,tree:max_token_ratio=3.0", "--optimizers", "dpo,grpo",
+                      "gpo.prompts_per_round=4", "trainer.eval_rows=4"])
+    base, rep, tree = (out["variants"][k] for k in ("baseline", "replace_all", "tree:max_token_ratio=3.0"))
+    assert base["tokens"]["total"] == base["tokens"]["trajectories"] > 0 and base["groups"]["reset"] == 0
+    assert base["examples"]["dpo"]["capped"]["gpo/examples_reset"] == 0 and rep["groups"]["fresh"] == 0
+    t = tree["tokens"]
+    assert t["total"] == t["trajectories"] + t["estimation"] + t["reset"] and t["trajectories"] == base["tokens"]["total"]
+    k = t["total"] / 1000
+    n = sum(tree["examples"]["dpo"]["capped"].values())
+    assert tree["examples_per_1k_tokens"]["dpo"]["capped"] == round(n / k, 2)
+    with pytest.raises(SystemExit, match="unknown variant 'nope'"):
+        reuse.main(["--variants", "nope"])
+    with pytest.raises(SystemExit, match="'mixx' is not a gpo field"):
+        reuse.main(["--variants", "tree:mixx=augment"])

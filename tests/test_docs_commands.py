@@ -100,6 +100,9 @@ def check_eval(overrides: list[str]) -> None:
     from gpo_exp.eval import register_eval_config, validate
 
     register_eval_config()
+    if not any(o.startswith("checkpoint=") for o in overrides):  # `run`: the placeholder checkpoint's run (its benchmark)
+        overrides = [re.sub(r"(?<=[\[,])run(?=[,\]])", "arith_testbed", o) if o.startswith("benchmarks=") else o
+                     for o in overrides]
     for ov in expand(overrides):
         validate(_compose("eval", tuple(ov)))
 

@@ -289,9 +289,12 @@ def test_sibling_trajectories_are_free_samples_of_the_prefixes_they_pass_through
     assert [(c.ids, c.reward) for c in free[0]] == [([1, 1, 2, 2, 4, 4], 0.0), ([1, 1, 5, 5, 5, 5], 1.0)]
     assert [(c.ids, c.reward) for c in free[1]] == [([2, 2, 4, 4], 0.0), ([5, 5, 5, 5], 1.0)]
     assert [(c.ids, c.reward) for c in free[2]] == [([4, 4], 0.0)]  # b's step 2 differs: only b's tail
-    # mc tops every prefix up to K=2 with generated draws (here: one, from prefix 2); costs count only those
+    # mc tops every prefix up to K=2 with generated draws (here: one, from prefix 2, which a and b share:
+    # drawn once, by a, free to b); costs count only what a trajectory asked for
     drawn = [c for cs in locs[0].samples.values() for c in cs if c.drawn]
     assert len(drawn) == 1 == locs[0].rollouts and locs[0].tokens == len(drawn[0].ids) == L
+    assert [c.drawn for c in locs[1].samples[2]] == [False, True] and locs[1].rollouts == 0
+    assert sampler.asked == [(0, 2, 0)]  # one generation for the two trajectories' shared prefix
     assert locs[0].values == [0.5, 0.5, 0.0, 0.0]  # V_0, V_1 from the free draws; V_3 = the reward
     off = mc(k=2, reuse_siblings=False).locate([a, b, ok], sampler, seed=0)
     assert off[0].rollouts == 6 and all(c.drawn for cs in off[0].samples.values() for c in cs)

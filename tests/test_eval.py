@@ -106,7 +106,8 @@ def test_bad_input_fails_with_one_line(compose, override, needle):
 def test_random_checkpoint_on_two_benchmarks_writes_eval_json(compose, checkpoint, tmp_path):
     result = evaluate_model(compose([f"checkpoint={checkpoint}", *ARITH_S1, *QUICK, f"output_dir={tmp_path}"]))
     metrics = {"accuracy", "sampled_accuracy", "pass@2", "maj@2", "truncated"}
-    assert set(result) == {"model", "split", "samples", "seed", "protocol", "headline", "benchmarks", "avg", "seconds"}
+    assert set(result) == {"model", "split", "samples", "seed", "protocol", "headline", "benchmarks", "avg", "seconds",
+                           "names", "ci95"}
     assert (result["protocol"], result["headline"]) == ("greedy", "accuracy")
     assert list(result["benchmarks"]) == ["arith", "arith_s1"]
     for m in result["benchmarks"].values():
@@ -127,15 +128,16 @@ def test_scripted_engine_gives_exact_metrics(compose, checkpoint, tmp_path, monk
     tok, rows = AutoTokenizer.from_pretrained(checkpoint), arith_rows()[:5]
     monkeypatch.setattr(HFRolloutEngine, "generate", scripted_generate(tok, rows, lambda i: i % 2 == 0,
                                                                        lambda j: j < 2))
-    result = evaluate_model(compose([f"checkpoint={checkpoint}", "max_rows=5", "samples=3", "logger.wandb=false"]))
+    result = evaluate_model(compose([f"checkpoint={checkpoint}", "benchmarks=[arith]", "max_rows=5", "samples=3",
+                                     "logger.wandb=false"]))
     assert result["benchmarks"]["arith"] == {"accuracy": 0.6, "sampled_accuracy": pytest.approx(2 / 3),
                                              "pass@3": 1.0, "maj@3": 1.0, "truncated": 0.0, "n": 5}
 
     monkeypatch.setattr(HFRolloutEngine, "generate", scripted_generate(tok, rows, lambda i: True, lambda j: True))
-    assert evaluate_model(compose([f"checkpoint={checkpoint}", *QUICK]))["avg"] == \
+    assert evaluate_model(compose([f"checkpoint={checkpoint}", "benchmarks=[arith]", *QUICK]))["avg"] == \
         {"accuracy": 1.0, "sampled_accuracy": 1.0, "pass@2": 1.0, "maj@2": 1.0, "truncated": 0.0}
     monkeypatch.setattr(HFRolloutEngine, "generate", scripted_generate(tok, rows, lambda i: False, lambda j: False))
-    assert evaluate_model(compose([f"checkpoint={checkpoint}", *QUICK]))["avg"] == \
+    assert evaluate_model(compose([f"checkpoint={checkpoint}", "benchmarks=[arith]", *QUICK]))["avg"] == \
         {"accuracy": 0.0, "sampled_accuracy": 0.0, "pass@2": 0.0, "maj@2": 0.0, "truncated": 0.0}
 
 
@@ -167,7 +169,8 @@ def test_command_line_prints_table_and_exits_2_on_bad_input(checkpoint, tmp_path
     from hydra.core.global_hydra import GlobalHydra
 
     run_dir = tmp_path / "eval_run"
-    monkeypatch.setattr(sys, "argv", ["gpo_exp.eval", f"checkpoint={checkpoint}", "max_rows=2", "samples=2",
+    monkeypatch.setattr(sys, "argv", ["gpo_exp.eval", f"checkpoint={checkpoint}", "benchmarks=[arith]", "max_rows=2",
+                                      "samples=2",
                                       "logger.wandb=false", f"hydra.run.dir={run_dir}"])
     GlobalHydra.instance().clear()
     main()
@@ -202,3 +205,141 @@ def test_smollm2_greedy_on_gsm_symbolic_and_arith(compose, tmp_path):
         assert m.keys() == {"accuracy", "n"} and m["n"] == 20 and 0.0 <= m["accuracy"] <= 1.0
     assert result["avg"]["accuracy"] == pytest.approx(
         (result["benchmarks"]["gsm_symbolic"]["accuracy"] + result["benchmarks"]["arith"]["accuracy"]) / 2)
+
+
+
+# --- a run's own checkpoint: eval reproduces the run by default ----------------------------------------
+RUN_ARGS = ["trainer.rounds=1", "gpo.prompts_per_round=3", "gpo.examples_per_round=6", "trainer.eval_rows=40",
+            "trainer.eval_samples=2", "estimator.k=2", "logger.wandb=false", "trainer.progress_bar=false"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A one-round testbed run (tiny model, 40 eval rows, greedy + 2 samples), finished with its checkpoint/."""
+    import subprocess
+
+    from tests.test_resume import ENV, ROOT
+
+    d = tmp_path_factory.mktemp("evalrun") / "run"
+    proc = subprocess.run([sys.executable, "-m", "gpo_exp.run", *RUN_ARGS, f"hydra.run.dir={d}"], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return d
+
+
+def test_a_runs_checkpoint_alone_reproduces_its_eval_exactly(compose, finished_run, tmp_path):
+    """No benchmark list: the run's benchmark config (the testbed, not the clean arith), its 40 rows, its
+    protocol and samples; every metric equals summary.json's eval/*_after, not just approximately."""
+    summary = json.loads((finished_run / "summary.json").read_text())
+    cfg = validate(compose([f"checkpoint={finished_run / 'checkpoint'}"]))
+    assert (cfg.benchmarks, cfg.samples, cfg.protocol, cfg.precision, cfg.cpu_threads) == (["run"], 2, "greedy",
+                                                                                            "32-true", 1)
+    assert cfg.bench["run"].trap_p == summary["config"]["benchmark"]["trap_p"] == 0.5  # the testbed's trap
+    result = evaluate_model(compose([f"checkpoint={finished_run}", "logger.wandb=false"]))  # the run dir works too
+    mine = result["benchmarks"]["run"]
+    assert mine["n"] == 40 and result["names"] == {"run": "arith"}
+    for key in ("accuracy", "sampled_accuracy", "pass@2", "maj@2", "truncated"):
+        assert mine[key] == summary[f"eval/{key}_after"], key
+    assert result["run"]["reported"]["eval/accuracy_after"] == mine["accuracy"]
+    from gpo_exp.eval import run_comparison
+
+    assert run_comparison(result).count(": equal") == 5
+
+
+def test_failed_benchmarks_are_one_line_each_and_exit_1(finished_run, tmp_path, monkeypatch, capsys):
+    """gsm_symbolic's prompts do not fit the tiny checkpoint's 160 positions: its line says so; the run's
+    benchmark still runs and is written; the command exits 1."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    monkeypatch.setattr(sys, "argv", ["gpo_exp.eval", f"checkpoint={finished_run / 'checkpoint'}", "max_rows=4",
+                                      "benchmarks=[run,gsm_symbolic,nope_missing_file]",
+                                      "+bench.nope_missing_file={name:gsm8k,data_files:/no/such.jsonl}",
+                                      "logger.wandb=false", f"hydra.run.dir={tmp_path / 'e'}"])
+    GlobalHydra.instance().clear()
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    assert exit_.value.code == 1
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert err[0].startswith("error: gsm_symbolic: needs ") and "but the model's context is 160" in err[0]
+    assert err[1] == "error: nope_missing_file: bad config benchmark.data_files: no such file '/no/such.jsonl'"
+    assert err[2] == "error: 2 of 3 benchmarks failed: gsm_symbolic, nope_missing_file"
+    saved = json.loads((tmp_path / "e" / "eval.json").read_text())
+    assert saved["benchmarks"]["run"]["n"] == 4 and set(saved["failed"]) == {"gsm_symbolic", "nope_missing_file"}
+
+
+def test_a_checkpoint_without_its_run_directory_asks_for_benchmarks(compose, finished_run, tmp_path):
+    import shutil
+
+    orphan = tmp_path / "copied" / "checkpoint"
+    shutil.copytree(finished_run / "checkpoint", orphan)
+    with pytest.raises(ConfigError) as err:
+        validate(compose([f"checkpoint={orphan}"]))
+    assert "\n" not in str(err.value) and "no run directory beside it" in str(err.value)
+    assert "benchmarks=[...]" in str(err.value)
+    cfg = validate(compose([f"checkpoint={orphan}", "benchmarks=[arith_testbed]"]))  # named: it runs, from the YAML
+    from gpo_exp.eval import bench_source
+
+    assert bench_source(cfg, "arith_testbed") == "conf/benchmark/arith_testbed.yaml" and cfg.samples == 4
+    with pytest.raises(ConfigError, match=r"'run' needs checkpoint=<run dir>/checkpoint"):
+        validate(compose([f"checkpoint={orphan}", "benchmarks=[run]"]))
+
+
+def test_a_run_config_this_code_no_longer_accepts_is_one_line(compose, finished_run, tmp_path):
+    import shutil
+
+    import yaml
+
+    old = tmp_path / "old_run"
+    shutil.copytree(finished_run, old)
+    saved = yaml.safe_load((old / ".hydra" / "config.yaml").read_text())
+    saved["trainer"]["renamed_field"] = 1
+    (old / ".hydra" / "config.yaml").write_text(yaml.safe_dump(saved))
+    with pytest.raises(ConfigError) as err:
+        validate(compose([f"checkpoint={old / 'checkpoint'}"]))
+    msg = str(err.value)
+    assert "\n" not in msg and "does not validate with this code" in msg and "renamed_field" in msg
+
+
+# --- the paper's Table 1 ------------------------------------------------------------------------------
+def test_paper_table_has_one_column_per_benchmark_with_its_ci_and_the_average():
+    """Cells: mean ± 95% half-width in %, named as in the paper; the average's half-width is
+    sqrt(sum of squares) / count (independent benchmarks)."""
+    from gpo_exp.eval import half_width, paper_table
+
+    per_row = {"b": [1.0, 0.0, 1.0, 1.0], "m": [0.5, 0.5]}
+    result = {"model": "m1", "headline": "sampled_accuracy", "names": {"b": "bbh", "m": "math500"},
+              "benchmarks": {k: {"sampled_accuracy": sum(v) / len(v), "n": len(v)} for k, v in per_row.items()},
+              "ci95": {k: {"sampled_accuracy": half_width(v)} for k, v in per_row.items()}}
+    hw_b = 3.182446305284263 * 0.5 / 2  # t(0.975, 3) * s / sqrt(4), s = 0.5
+    assert result["ci95"]["b"]["sampled_accuracy"] == pytest.approx(hw_b)
+    assert result["ci95"]["m"]["sampled_accuracy"] == 0.0
+    md, csv_text = paper_table(result)
+    lines = md.splitlines()
+    assert lines[0] == "sampled_accuracy (%), 95% CI over problems; n = BBH 4, MATH 2"
+    assert lines[2] == "| model | BBH | MATH | Avg |"
+    assert lines[4] == f"| m1 | 75.0 ± {100 * hw_b:.1f} | 50.0 ± 0.0 | 62.5 ± {100 * hw_b / 2:.1f} |"
+    assert csv_text.splitlines() == ["model,metric,BBH,BBH ci95,MATH,MATH ci95,Avg,Avg ci95",
+                                     f"m1,sampled_accuracy,75.00,{100 * hw_b:.2f},50.00,0.00,62.50,{100 * hw_b / 2:.2f}"]
+
+
+@pytest.mark.slow
+def test_table1_preset_on_the_local_fixtures_with_a_random_model(tmp_path):
+    """preset=table1_local: all seven benchmarks from tests/fixtures, the reasoning protocol, one table."""
+    import csv
+    import subprocess
+
+    from tests.test_resume import ENV, ROOT
+
+    proc = subprocess.run([sys.executable, "-m", "gpo_exp.eval", "preset=table1_local", "model=r1_distill_qwen_1p5b",
+                           "model.source=random", "model.n_layer=1", "model.n_embd=64", "engine.max_new_tokens=4",
+                           "samples=1", "logger.wandb=false", f"output_dir={tmp_path}"], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert saved["protocol"] == "sampled" and saved["config"]["engine"]["temperature"] == 0.6
+    assert {k: v["n"] for k, v in saved["benchmarks"].items()} == {
+        "bbh": 6, "math500": 6, "gsm8k": 6, "mmlu": 6, "mmlu_pro": 6, "aime24": 3, "aime25": 3}
+    assert set(saved["breakdown"]) >= {"bbh", "mmlu", "mmlu_pro"}
+    rows = list(csv.reader((tmp_path / "table.csv").read_text().splitlines()))
+    assert rows[0][2::2] == ["BBH", "MATH", "GSM8K", "MMLU", "MMLU-Pro", "AIME24", "AIME25", "Avg"]
+    assert "| model | BBH | MATH | GSM8K | MMLU | MMLU-Pro | AIME24 | AIME25 | Avg |" in (tmp_path / "table.md").read_text()

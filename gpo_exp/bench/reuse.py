@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> dict:
     from hydra import compose, initialize_config_dir
 
     from gpo_exp.benchmarks import BENCHMARKS
-    from gpo_exp.config import register_configs, validate
+    from gpo_exp.config import register_configs
+    from gpo_exp.training.run_config import validate
     from gpo_exp.rollout.engine import HFRolloutEngine
     from gpo_exp.rollout.estimators import ESTIMATORS
     from gpo_exp.rollout.gpo_round import GPOConfig, check_gpo, collect_round

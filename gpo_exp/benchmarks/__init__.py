@@ -9,6 +9,7 @@ from gpo_exp.benchmarks.base import BENCHMARKS, Benchmark, BenchmarkConfig, Step
 from gpo_exp.benchmarks import arith  # noqa: F401,E402
 from gpo_exp.benchmarks import gsm_symbolic  # noqa: F401,E402
 from gpo_exp.benchmarks import hub  # noqa: F401,E402
+from gpo_exp.benchmarks import mmlu  # noqa: F401,E402
 
 
 def get(name: str, **overrides: Any) -> Benchmark:

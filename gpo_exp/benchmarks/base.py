@@ -79,6 +79,10 @@ class Benchmark:
         """Whether two final answers are the same answer (maj@k's vote groups). Default: equal strings."""
         return a == b
 
+    def group_of(self, row: dict[str, Any]) -> str | None:
+        """The row's group for per-group results (MMLU's subject, MMLU-Pro's category, BBH's task), or None."""
+        return None
+
     def first_wrong_step(self, steps: Sequence[str], row: dict[str, Any]) -> int | None:
         """Index of the first wrong step of a completion, or None when unknown or all correct."""
         return None

@@ -344,6 +344,9 @@ class Math500(HubBenchmark):
     def same_answer(self, a: str, b: str) -> bool:
         return math_equal(a, b)
 
+    def group_of(self, row: dict[str, Any]) -> str | None:
+        return row.get("subject")
+
 
 def problem_key(text: Any) -> str:
     """A problem's text with whitespace collapsed: what decontamination compares."""
@@ -514,6 +517,9 @@ class Bbh(HubBenchmark):
 
     def final_answer(self, completion: str) -> str | None:
         return extract_choice(completion) or extract_final(completion)
+
+    def group_of(self, row: dict[str, Any]) -> str | None:
+        return row.get("task")
 
 
 @dataclass

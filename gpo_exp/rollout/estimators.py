@@ -43,7 +43,7 @@ class EstimatorConfig:
     select: str = "abs"  # abs: argmax |A_i| (paper) | signed: argmin A_i (largest drop) | value: argmax_{i<n} V_i (authors' early code: the most promising prefix)
     tie_break: str = "random"  # among equal scores: random (seeded per trajectory) | earliest
     explore: str = "failed"  # failed: only trajectories with reward 0 (authors' code) | all
-    reuse_siblings: bool = True  # count other trajectories of the same prompt that pass through a prefix as free samples of it (beyond the paper)
+    reuse_siblings: bool = True  # siblings (same prompt) share what they know of a shared prefix: each other's tokens as free samples and each other's draws (beyond the paper)
     temperature: float | None = None  # sampling temperature of the value probes (null: the policy's, engine.temperature); lower sharpens the drop at an error
 
     def __post_init__(self) -> None:
@@ -84,16 +84,39 @@ Plan = Generator[list[Request], None, tuple[int, str]]
 
 
 class Draws:
-    """Every continuation drawn in one `locate` call, keyed by (uid, prefix); the only caller of the sampler."""
+    """Every continuation drawn in one `locate` call; the only caller of the sampler.
 
-    def __init__(self, sample: ContinuationSampler, temperature: float | None = None) -> None:
+    Keyed by (uid, prefix), or with `share` by the prefix's tokens: a prefix's value does not depend on
+    which trajectory reached it, so sibling trajectories (same prompt) that share a prefix share its
+    draws, and a probe one of them already paid for is free to the others. Each drawn continuation
+    records the uid that asked for it (its cost is that trajectory's); a sibling's own trajectory,
+    reused as a free sample (`seed_siblings`), is never a sample of its own prefixes.
+    """
+
+    def __init__(self, sample: ContinuationSampler, temperature: float | None = None, share: bool = False) -> None:
         self.sample = sample
         self.temperature = temperature
-        self.store: dict[tuple[int, int], list[Continuation]] = {}
+        self.share = share
+        self.store: dict[Any, list[Continuation]] = {}
+        self.owner: dict[Any, list[int]] = {}  # per stored continuation: the uid that drew it (or whose trajectory it is)
         self.calls = 0
 
+    def key(self, traj: Trajectory, step: int) -> Any:
+        return tuple(traj.prefix_ids(step)) if self.share else (traj.uid, step)
+
+    def _add(self, key: Any, conts: Sequence[Continuation], uid: int) -> None:
+        self.store.setdefault(key, []).extend(conts)
+        self.owner.setdefault(key, []).extend([uid] * len(conts))
+
     def get(self, traj: Trajectory, step: int) -> list[Continuation]:
-        return self.store.get((traj.uid, step), [])
+        key = self.key(traj, step)
+        return [c for c, o in zip(self.store.get(key, []), self.owner.get(key, []))
+                if c.drawn or o != traj.uid]  # a trajectory is not a sample of its own prefixes
+
+    def paid(self, traj: Trajectory, step: int) -> list[Continuation]:
+        """The continuations of prefix `step` that `traj` asked the sampler for (its generation cost)."""
+        key = self.key(traj, step)
+        return [c for c, o in zip(self.store.get(key, []), self.owner.get(key, [])) if c.drawn and o == traj.uid]
 
     def seed_siblings(self, trajs: Sequence[Trajectory]) -> None:
         """Free samples: a sibling trajectory (same prompt) whose tokens start with prefix i of `t` is a
@@ -102,6 +125,13 @@ class Draws:
         for t in trajs:
             by_prompt.setdefault(tuple(t.prompt_ids), []).append(t)
         for group in by_prompt.values():
+            if self.share:  # content keys: each trajectory once at each of its prefixes, seen by its siblings
+                for s in group:
+                    for i in range(s.n_steps):
+                        cut = s.prefix_len(i)
+                        self._add(self.key(s, i), [Continuation(ids=s.completion_ids[cut:], reward=s.reward,
+                                                                drawn=False)], s.uid)
+                continue
             for t in group:
                 for s in group:
                     if s is t:
@@ -110,8 +140,8 @@ class Draws:
                         cut = t.prefix_len(i)
                         if len(s.completion_ids) <= cut or s.completion_ids[:cut] != t.completion_ids[:cut]:
                             break  # prefixes only grow: once s leaves t's path it never rejoins
-                        self.store.setdefault((t.uid, i), []).append(
-                            Continuation(ids=s.completion_ids[cut:], reward=s.reward, drawn=False))
+                        self._add(self.key(t, i), [Continuation(ids=s.completion_ids[cut:], reward=s.reward,
+                                                                drawn=False)], s.uid)
 
     def value(self, traj: Trajectory, step: int) -> float | None:
         """V_step: the trajectory's reward for the full prefix, else the mean drawn reward (None if none)."""
@@ -121,22 +151,28 @@ class Draws:
         return float(np.mean([c.reward for c in got])) if got else None
 
     def wave(self, requests: Sequence[tuple[Trajectory, int, int]]) -> None:
-        """Draw n more continuations of each (traj, prefix) in one sampler call; offsets continue the cache."""
-        jobs, next_offset = [], {}
+        """Draw n more continuations of each (traj, prefix) in one sampler call; offsets continue the cache.
+
+        Requests for one key in one wave are merged: the first asker draws the largest n asked and the
+        others see those draws free (with `share`, siblings asking for one shared prefix)."""
+        want: dict[Any, tuple[Trajectory, int, int]] = {}
         for traj, step, n in requests:
             assert 0 <= step < traj.n_steps and n >= 1, (step, n)  # V_n is the reward, never sampled
-            key = (traj.uid, step)
-            offset = next_offset.get(key, len(self.store.get(key, [])))
-            jobs.append(Job(traj, step, n, offset))
-            next_offset[key] = offset + n
+            key = self.key(traj, step)
+            first = want.get(key)
+            want[key] = (traj, step, n) if first is None else (first[0], first[1], max(first[2], n))
+        jobs, owners = [], []
+        for key, (traj, step, n) in want.items():
+            jobs.append(Job(traj, step, n, sum(c.drawn for c in self.store.get(key, []))))
+            owners.append((key, traj.uid))
         if not jobs:
             return
         out = self.sample(jobs) if self.temperature is None else self.sample(jobs, temperature=self.temperature)
         self.calls += 1
         if len(out) != len(jobs) or any(len(c) != j.n for c, j in zip(out, jobs)):
             raise RuntimeError(f"sampler returned {[len(c) for c in out]} continuations for jobs asking {[j.n for j in jobs]}")
-        for job, conts in zip(jobs, out):
-            self.store.setdefault((job.traj.uid, job.step), []).extend(conts)
+        for (key, uid), conts in zip(owners, out):
+            self._add(key, conts, uid)
 
 
 def _rng(seed: int, uid: int) -> np.random.Generator:
@@ -163,7 +199,7 @@ class Estimator:
         uids = [t.uid for t in trajs]
         if len(set(uids)) != len(uids):
             raise ValueError(f"trajectory uids must be unique within a round, got duplicates in {sorted(uids)}")
-        draws = Draws(sample, self.cfg.temperature)
+        draws = Draws(sample, self.cfg.temperature, share=self.cfg.reuse_siblings)
         if self.cfg.reuse_siblings:
             draws.seed_siblings(trajs)
         found: dict[int, tuple[int | None, str]] = {}
@@ -208,7 +244,7 @@ class Estimator:
         values = [draws.value(traj, i) for i in range(n + 1)]
         advantages = [None if a is None or b is None else b - a for a, b in zip(values[:-1], values[1:])]
         samples = {i: list(draws.get(traj, i)) for i in range(n) if draws.get(traj, i)}
-        conts = [c for cs in samples.values() for c in cs if c.drawn]  # cost: generated continuations only
+        conts = [c for i in range(n) for c in draws.paid(traj, i)]  # cost: what this trajectory asked to generate
         return Localization(values=values, advantages=advantages, critical=critical, status=status,
                             rollouts=len(conts), tokens=sum(len(c.ids) for c in conts), samples=samples)
 

@@ -41,10 +41,13 @@ def majority(answers: Sequence[str | None], same: Callable[[str, str], bool]) ->
 
 
 def evaluate(sampler: PolicySampler, rows: Sequence[dict[str, Any]], samples: int = 4,
-             seed: int = EVAL_SEED, greedy: bool = True, greedy_out: list | None = None) -> dict[str, float]:
+             seed: int = EVAL_SEED, greedy: bool = True, greedy_out: list | None = None,
+             per_row: list | None = None) -> dict[str, float]:
     """Greedy pass@1 (`accuracy`, when greedy) and with samples > 0 mean sampled accuracy (pass@1 averaged
     over the samples), pass@k and maj@k (k = samples); `truncated`: share of generations cut off.
-    `greedy_out` (a list) receives the greedy generations, one per row, for diagnostics that reuse them."""
+    `greedy_out` (a list) receives the greedy generations, one per row, for diagnostics that reuse them;
+    `per_row` (a list) receives one dict per row with the same metrics for that row alone (means over
+    rows give the returned values), for per-group breakdowns and confidence intervals."""
     if not greedy and samples < 1:
         raise ValueError("evaluate: the sampled protocol needs samples >= 1")
     engine, old_seed, bench = sampler.engine, sampler.seed, sampler.benchmark
@@ -57,8 +60,12 @@ def evaluate(sampler: PolicySampler, rows: Sequence[dict[str, Any]], samples: in
             gens = engine.generate(prompts, [0] * len(prompts), seed=seed, greedy=True)
             if greedy_out is not None:
                 greedy_out.extend(gens)
-            out["accuracy"] = sum(sampler.reward(g.ids, r, g.finished) for g, r in zip(gens, rows)) / len(rows)
+            rewards = [sampler.reward(g.ids, r, g.finished) for g, r in zip(gens, rows)]
+            out["accuracy"] = sum(rewards) / len(rows)
             cut, total = sum(not g.finished for g in gens), len(gens)
+            rows_out = [{"accuracy": x} for x in rewards]
+        else:
+            rows_out = [{} for _ in rows]
         if samples > 0:
             gens = engine.generate([p for p in prompts for _ in range(samples)],
                                    [j for _ in prompts for j in range(samples)], seed=seed)
@@ -72,10 +79,15 @@ def evaluate(sampler: PolicySampler, rows: Sequence[dict[str, Any]], samples: in
                 scores += rs
                 passes += max(rs) > 0
                 answers = [bench.final_answer(t) if g.finished else None for t, g in zip(texts, group)]
-                majs += max((rs[j] for j in majority(answers, bench.same_answer)), default=0.0) > 0
+                maj = max((rs[j] for j in majority(answers, bench.same_answer)), default=0.0) > 0
+                majs += maj
+                rows_out[i].update({"sampled_accuracy": sum(rs) / samples, f"pass@{samples}": float(max(rs) > 0),
+                                    f"maj@{samples}": float(maj)})
             out.update({"sampled_accuracy": sum(scores) / len(scores), f"pass@{samples}": passes / len(rows),
                         f"maj@{samples}": majs / len(rows)})
         out["truncated"] = cut / total
+        if per_row is not None:
+            per_row.extend(rows_out)
         return out
     finally:
         sampler.seed = old_seed

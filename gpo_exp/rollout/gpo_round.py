@@ -163,6 +163,7 @@ def tree_groups(trajs: Sequence[Trajectory], locs: Sequence[Localization], cfg: 
     `tree_group_size` continuations per group (seeded subsets), so no trajectory or prefix dominates.
     `skip_critical`: the critical prefix's draws are already in its reset group."""
     out = []
+    seen: set[tuple] = set()  # siblings sharing a prefix see the same draws there (shared, or deduplicated): one group
     for t, loc in zip(trajs, locs):
         if loc.status == "skipped":
             continue
@@ -170,14 +171,16 @@ def tree_groups(trajs: Sequence[Trajectory], locs: Sequence[Localization], cfg: 
         cands = []
         for i, conts in sorted(loc.samples.items()):
             drawn = [c for c in conts if c.drawn]  # sibling trajectories are already in the fresh groups
-            if not drawn or (skip_critical and i == loc.critical):
+            key = (tuple(t.prefix_ids(i)), tuple(tuple(c.ids) for c in drawn))
+            if not drawn or (skip_critical and i == loc.critical) or key in seen:
                 continue
             own = Continuation(ids=t.completion_ids[t.prefix_len(i):], reward=t.reward, finished=t.finished)
             members = [own, *drawn]
             if len({c.reward > 0.5 for c in members}) < 2:
                 continue
-            cands.append((i, members))
-        for i, members in sorted(rng.sample(cands, min(cfg.tree_prefixes, len(cands))), key=lambda x: x[0]):
+            cands.append((i, members, key))
+        for i, members, key in sorted(rng.sample(cands, min(cfg.tree_prefixes, len(cands))), key=lambda x: x[0]):
+            seen.add(key)
             if len(members) > cfg.tree_group_size:
                 members = [members[0], *rng.sample(members[1:], cfg.tree_group_size - 1)]
             out.append(Group(prompt_ids=t.prompt_ids, prefix_ids=t.completion_ids[: t.prefix_len(i)],

@@ -69,10 +69,11 @@ class RolloutDataModule(pl.LightningDataModule):
         else:
             data, shuffle = data * self.objective.cfg.epochs_per_round, True
         g = torch.Generator().manual_seed(self.seed * 1000 + self.round)
-        if world == 1:
-            return DataLoader(data, batch_size=bs, shuffle=shuffle, generator=g if shuffle else None,
-                              collate_fn=collate)
-        # the one-process loader's batches of indices (the same generator draws), then this rank's slice of each
+        # The round's batches are drawn here, once, and served in that order. A shuffling DataLoader would
+        # draw again every time its iterator is created, and Lightning creates it more than once when a fit
+        # resumes from a round checkpoint: the resumed round then trained on another order (the drift a
+        # kill-and-resume showed in the weights, ~1e-6 after a round, and in later rounds' accuracies).
         index_batches = DataLoader(range(len(data)), batch_size=bs, shuffle=shuffle, generator=g if shuffle else None)
+        # every batch of a one-process run (the same generator draws), each rank taking its slice of it
         mine = [[data[i] for i in rank_slice(b.tolist(), rank, world)] for b in index_batches]
         return DataLoader(mine, batch_size=None, collate_fn=collate)

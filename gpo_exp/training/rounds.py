@@ -161,8 +161,10 @@ class GPORoundCallback(pl.Callback):
         self._sync_engine(pl_module, None)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.history.totals["time/train_s"] += time.perf_counter() - self._train_t0
+        dt = time.perf_counter() - self._train_t0
+        self.history.totals["time/train_s"] += dt
         r = trainer.current_epoch + 1
+        log.info("round %d trained (%.1fs); evaluating", r, dt)
         self._check_finite(pl_module, r)
         self._sync_engine(pl_module, r)
         with trainer.precision_plugin.forward_context():  # generation and scoring in the trainer's precision
