@@ -4,15 +4,19 @@ Each sample is addressed by (prefix tokens, sample index j). Its randomness come
 hash of (seed, prefix, j, position, token) turned into Gumbel noise, so a sample's tokens do not
 depend on which other requests share its batch. That makes deduplication exact (identical requests
 are generated once) and lets the engine sort requests by length into dense buckets freely.
-(Up to float rounding: left padding and batch shape move a row's logits by ~1e-7, which could flip a
-sampled token only on a near-exact tie of two perturbed scores; tests/test_engine.py checks the
-tokens are identical across batch sizes, orders and padding.)
+(Up to float rounding: left padding, batch shape and the KV cache's layout move a row's logits by
+~1e-7, which could flip a sampled token only on a near-exact tie of two perturbed scores, or, for
+inverse-CDF sampling over a flat distribution of thousands of tokens, when the draw falls within that
+distance of a CDF boundary; tests/test_engine.py checks the tokens are identical across batch sizes,
+orders and padding, tests/test_engine_decoding.py that every cache layout and host-check schedule
+draws the samples of the previous decoding loop.)
 
 `RolloutEngine` is the interface; `HFRolloutEngine` runs any HF causal LM with a KV cache, and
 rollout/vllm_engine.py puts vLLM behind the same `generate` (engine.backend=vllm).
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
@@ -28,6 +32,7 @@ if TYPE_CHECKING:  # type only: config validation imports this module before tra
 
 from gpo_exp.registry import check
 
+log = logging.getLogger(__name__)
 _MASK32 = 0xFFFFFFFF
 VLLM_DTYPES = ("bfloat16", "float16", "float32", "auto")
 ENGINE_DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -271,7 +276,8 @@ def choose_tokens(logits: torch.Tensor, keys: torch.Tensor, step: int, temperatu
     Small vocabularies (the embedded char model) race Gumbel noise hashed per (key, step, token).
     Above GUMBEL_MAX_VOCAB that hash over every token costs more than the model's decoding step
     (~0.5 s for 48 rows x 49k tokens here), so one uniform per (key, step) picks the token by
-    inverse CDF instead: the same distribution and the same per-sample reproducibility.
+    inverse CDF instead: the same distribution and the same per-sample reproducibility. Its CDF is
+    searched by float64 block sums (search_cdf), not a scan over the vocabulary.
     """
     if greedy or temperature == 0:
         return logits.argmax(-1)
@@ -389,6 +395,11 @@ class HFRolloutEngine:
 
             raise ConfigError(f"bad config engine.dtype={self.cfg.dtype!r}: the policy's weights are {weights}, and "
                               f"autocast only lowers precision (use auto or a dtype no wider than the weights')")
+        if (want == torch.bfloat16 and self.model.device.type == "cpu" and not getattr(self, "_warned", False)
+                and not torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+            self._warned = True
+            log.warning("engine.dtype=bfloat16: this CPU has no bf16 instructions (AVX512-BF16 or AMX), so bf16 "
+                        "matmuls are emulated and usually slower than engine.dtype=float32")
         return want
 
     def _new_cache(self, width: int, amp: torch.dtype | None):  # -> transformers Cache
