@@ -343,3 +343,16 @@ def test_table1_preset_on_the_local_fixtures_with_a_random_model(tmp_path):
     rows = list(csv.reader((tmp_path / "table.csv").read_text().splitlines()))
     assert rows[0][2::2] == ["BBH", "MATH", "GSM8K", "MMLU", "MMLU-Pro", "AIME24", "AIME25", "Avg"]
     assert "| model | BBH | MATH | GSM8K | MMLU | MMLU-Pro | AIME24 | AIME25 | Avg |" in (tmp_path / "table.md").read_text()
+
+
+def test_precision_follows_lightnings_names():
+    """bf16-mixed / 16-mixed autocast the forward passes (as the run's trainer.precision did); 32 does not."""
+    from gpo_exp.eval import precision_context
+
+    a = torch.ones(2, 2)
+    with precision_context("bf16-mixed", "cpu"):
+        assert (a @ a).dtype == torch.bfloat16
+    with precision_context("32-true", "cpu"):
+        assert (a @ a).dtype == torch.float32
+    with pytest.raises(ConfigError, match=r"precision='bf16'"):
+        validate({"precision": "bf16", "logger": {"wandb": False}})

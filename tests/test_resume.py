@@ -122,6 +122,15 @@ def assert_same_run(full: Path, resumed: Path) -> None:
     differing = [k for k in wa if not torch.equal(wa[k], wb[k])]
     assert differing == [], f"{len(differing)} tensors differ, e.g. {differing[:3]}"
     assert not (resumed / "resume").exists()  # finished with its final weights: the resume checkpoints are spent
+    assert _csv(full) == _csv(resumed)  # metrics.csv: the rows kept from before the kill plus the resumed ones
+
+
+def _csv(d: Path) -> list[dict]:
+    """metrics.csv's rows without wall times, in order."""
+    import csv
+
+    with (d / "csv" / "metrics.csv").open(newline="") as f:
+        return [{k: v for k, v in row.items() if not k.startswith("time/") and v != ""} for row in csv.DictReader(f)]
 
 
 def _kill_resume_and_compare(full: Path, tmp_path: Path, extra: list[str], point: str) -> None:
