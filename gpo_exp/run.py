@@ -245,9 +245,21 @@ def keep_csv_rows(loggers: list[Any], run_dir: Path, ckpt_path: Path) -> None:
         return
     if path.is_file():
         os.replace(path, aside)  # atomic: either file holds the rows at every moment
-    step = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True).get("global_step", 0)
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
+    step, epoch = state.get("global_step", 0), state.get("epoch", 0)
+
+    def before_checkpoint(row: dict[str, str]) -> bool:
+        # a killed round's training rows share the checkpoint's step (the next step's index): epoch tells them apart
+        for key, last in (("step", step), ("epoch", epoch)):
+            try:
+                if row.get(key) not in (None, "") and float(row[key]) > last:
+                    return False
+            except ValueError:
+                pass
+        return True
+
     with aside.open(newline="") as f:
-        rows = [r for r in csv.DictReader(f) if not r.get("step", "").isdigit() or int(r["step"]) <= step]
+        rows = [r for r in csv.DictReader(f) if before_checkpoint(r)]
     for p in path.parent.iterdir():  # hparams.yaml etc.: rewritten by the logger; an empty directory, no warning
         if p.is_file():
             p.unlink()

@@ -17,9 +17,11 @@ import engine_reference as ref
 
 LIMIT = 24
 CACHES = [  # every way the loop can run: cache kind x how often the host looks x when it compacts
-    dict(),  # static, on the CPU: a check every step, compaction as soon as a row finished
-    dict(sync_every=8, compact_below=0.5),  # static, the accelerator schedule: compaction once half the rows finished
-    dict(sync_every=3, compact_below=0.0),  # static, never compacted
+    dict(),  # preallocated, on the CPU: a check every step, compaction as soon as a row finished
+    dict(sync_every=8, compact_below=0.5),  # the accelerator schedule: compaction once half the rows finished
+    dict(sync_every=3, compact_below=0.0),  # never compacted
+    dict(kv_cache="static"),
+    dict(kv_cache="static", sync_every=8, compact_below=0.5),
     dict(kv_cache="dynamic", sync_every=8, compact_below=0.5),
     dict(kv_cache="dynamic", sync_every=1, compact_below=1.0),  # the previous loop's schedule
     dict(batch_size=5, sync_every=2),  # several batches, the last one short
@@ -100,8 +102,9 @@ def test_flat_large_nucleus_is_the_same_up_to_logit_rounding(data):
                             LIMIT, pre, sid, seed=11)
         same_ops = run(model, tok, pre, sid, kv_cache="dynamic", sync_every=1, compact_below=1.0, **sampling)
         assert [g.ids for g in same_ops] == [g.ids for g in want]
-        static = run(model, tok, pre, sid, **sampling)
-        assert sum(g.ids == w.ids for g, w in zip(static, want)) >= len(want) - 3
+        for kv_cache in ("prealloc", "static"):
+            got = run(model, tok, pre, sid, kv_cache=kv_cache, **sampling)
+            assert sum(g.ids == w.ids for g, w in zip(got, want)) >= len(want) - 3
 
 
 # --- sampling without a scan over the vocabulary ----------------------------------------------------
@@ -145,7 +148,9 @@ def test_nucleus_search_reads_nothing_back_from_an_accelerator():
 
 
 def test_host_reads_every_sync_every_steps(data, monkeypatch):
-    """Finished rows are found on the device; the host looks only every `sync_every` steps."""
+    """Finished rows are found on the device; the host looks only every `sync_every` steps (and
+    transformers' mask builder does not look at every step either: the preallocated cache says it is
+    compileable, as a StaticCache does)."""
     tok, pre, sid = data
     model = build("gpt2", tok)
     reads = {"n": 0}
@@ -159,17 +164,18 @@ def test_host_reads_every_sync_every_steps(data, monkeypatch):
         monkeypatch.setattr(torch.Tensor, name, counted)
     calls = {"n": 0}
     model.register_forward_pre_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
-    for every in (1, 4):
+    for every, kv_cache in ((1, "prealloc"), (4, "prealloc"), (4, "static")):
         reads["n"] = calls["n"] = 0
-        run(model, tok, pre[:12], sid[:12], sync_every=every, temperature=0.0, seed=0)
+        run(model, tok, pre[:12], sid[:12], sync_every=every, kv_cache=kv_cache, temperature=0.0, seed=0)
         steps = calls["n"] - 1  # decode steps after the prefill
         assert steps >= 8
-        assert reads["n"] <= steps // every + 1, (every, reads["n"], steps)
+        # + 2: transformers' mask builder checks the prefill's padding once per batch
+        assert reads["n"] <= steps // every + 2, (every, reads["n"], steps)
 
 
 # --- engine.dtype and engine.compile ----------------------------------------------------------------
 
-@pytest.mark.parametrize("kv_cache", ["static", "dynamic"])
+@pytest.mark.parametrize("kv_cache", ["prealloc", "static", "dynamic"])
 def test_bf16_engine_autocasts_a_fp32_policy_and_keeps_fp32_logprobs(data, kv_cache):
     tok, pre, sid = data
     model = build("llama", tok)
@@ -206,16 +212,24 @@ def test_default_schedule_follows_the_device(data):
     assert eng._schedule(torch.device("cuda")) == (8, 0.5)
     eng.cfg = EngineConfig(sync_every=3, compact_below=0.25)
     assert eng._schedule(torch.device("cuda")) == (3, 0.25)
-    eng.cfg = EngineConfig(compile=True)
+    eng.cfg = EngineConfig(compile=True, kv_cache="static")
     assert eng._schedule(torch.device("cuda")) == (8, 0.0)  # a compiled step keeps its batch size
 
 
 def test_bad_decoding_config():
-    for kw, msg in [(dict(kv_cache="paged"), "engine.kv_cache='paged'"), (dict(sync_every=0), "engine.sync_every=0"),
+    for kw, msg in [(dict(kv_cache="paged"), "engine.kv_cache='paged': must be one of prealloc, static, dynamic"), (dict(sync_every=0), "engine.sync_every=0"),
                     (dict(compact_below=1.5), "engine.compact_below=1.5"), (dict(dtype="fp8"), "engine.dtype='fp8'"),
-                    (dict(compile=True, kv_cache="dynamic"), "engine.compile=True")]:
+                    (dict(compile=True), "engine.compile=True: must be false with engine.kv_cache=prealloc")]:
         with pytest.raises(ConfigError, match=f"^bad config {msg}"):
             EngineConfig(**kw)
+
+
+def test_compile_without_a_cpu_compiler_stops_in_one_line(data, monkeypatch):
+    tok, pre, sid = data
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    with pytest.raises(ConfigError, match=r"^bad config engine.compile=True: torch.compile on the CPU needs a C\+\+ "):
+        run(build("gpt2", tok), tok, pre[:2], sid[:2], compile=True, kv_cache="static")
 
 
 @pytest.mark.slow
@@ -224,6 +238,7 @@ def test_compiled_decode_step_gives_the_eager_samples(data):
     model = build("llama", tok)
     want = run(model, tok, pre, sid)
     eng = HFRolloutEngine(model, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
-                          cfg=EngineConfig(compile=True, batch_size=64), default_max_new_tokens=LIMIT)
+                          cfg=EngineConfig(compile=True, kv_cache="static", batch_size=64),
+                          default_max_new_tokens=LIMIT)
     assert [g.ids for g in eng.generate(pre, sid, seed=11)] == [g.ids for g in want]
     assert [g.ids for g in eng.generate(pre[:7], sid[:7], seed=11)] == [g.ids for g in want[:7]]  # another shape

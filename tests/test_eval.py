@@ -298,3 +298,61 @@ def test_a_run_config_this_code_no_longer_accepts_is_one_line(compose, finished_
         validate(compose([f"checkpoint={old / 'checkpoint'}"]))
     msg = str(err.value)
     assert "\n" not in msg and "does not validate with this code" in msg and "renamed_field" in msg
+
+
+# --- the paper's Table 1 ------------------------------------------------------------------------------
+def test_paper_table_has_one_column_per_benchmark_with_its_ci_and_the_average():
+    """Cells: mean ± 95% half-width in %, named as in the paper; the average's half-width is
+    sqrt(sum of squares) / count (independent benchmarks)."""
+    from gpo_exp.eval import half_width, paper_table
+
+    per_row = {"b": [1.0, 0.0, 1.0, 1.0], "m": [0.5, 0.5]}
+    result = {"model": "m1", "headline": "sampled_accuracy", "names": {"b": "bbh", "m": "math500"},
+              "benchmarks": {k: {"sampled_accuracy": sum(v) / len(v), "n": len(v)} for k, v in per_row.items()},
+              "ci95": {k: {"sampled_accuracy": half_width(v)} for k, v in per_row.items()}}
+    hw_b = 3.182446305284263 * 0.5 / 2  # t(0.975, 3) * s / sqrt(4), s = 0.5
+    assert result["ci95"]["b"]["sampled_accuracy"] == pytest.approx(hw_b)
+    assert result["ci95"]["m"]["sampled_accuracy"] == 0.0
+    md, csv_text = paper_table(result)
+    lines = md.splitlines()
+    assert lines[0] == "sampled_accuracy (%), 95% CI over problems; n = BBH 4, MATH 2"
+    assert lines[2] == "| model | BBH | MATH | Avg |"
+    assert lines[4] == f"| m1 | 75.0 ± {100 * hw_b:.1f} | 50.0 ± 0.0 | 62.5 ± {100 * hw_b / 2:.1f} |"
+    assert csv_text.splitlines() == ["model,metric,BBH,BBH ci95,MATH,MATH ci95,Avg,Avg ci95",
+                                     f"m1,sampled_accuracy,75.00,{100 * hw_b:.2f},50.00,0.00,62.50,{100 * hw_b / 2:.2f}"]
+
+
+@pytest.mark.slow
+def test_table1_preset_on_the_local_fixtures_with_a_random_model(tmp_path):
+    """preset=table1_local: all seven benchmarks from tests/fixtures, the reasoning protocol, one table."""
+    import csv
+    import subprocess
+
+    from tests.test_resume import ENV, ROOT
+
+    proc = subprocess.run([sys.executable, "-m", "gpo_exp.eval", "preset=table1_local", "model=r1_distill_qwen_1p5b",
+                           "model.source=random", "model.n_layer=1", "model.n_embd=64", "engine.max_new_tokens=4",
+                           "samples=1", "logger.wandb=false", f"output_dir={tmp_path}"], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert saved["protocol"] == "sampled" and saved["config"]["engine"]["temperature"] == 0.6
+    assert {k: v["n"] for k, v in saved["benchmarks"].items()} == {
+        "bbh": 6, "math500": 6, "gsm8k": 6, "mmlu": 6, "mmlu_pro": 6, "aime24": 3, "aime25": 3}
+    assert set(saved["breakdown"]) >= {"bbh", "mmlu", "mmlu_pro"}
+    rows = list(csv.reader((tmp_path / "table.csv").read_text().splitlines()))
+    assert rows[0][2::2] == ["BBH", "MATH", "GSM8K", "MMLU", "MMLU-Pro", "AIME24", "AIME25", "Avg"]
+    assert "| model | BBH | MATH | GSM8K | MMLU | MMLU-Pro | AIME24 | AIME25 | Avg |" in (tmp_path / "table.md").read_text()
+
+
+def test_precision_follows_lightnings_names():
+    """bf16-mixed / 16-mixed autocast the forward passes (as the run's trainer.precision did); 32 does not."""
+    from gpo_exp.eval import precision_context
+
+    a = torch.ones(2, 2)
+    with precision_context("bf16-mixed", "cpu"):
+        assert (a @ a).dtype == torch.bfloat16
+    with precision_context("32-true", "cpu"):
+        assert (a @ a).dtype == torch.float32
+    with pytest.raises(ConfigError, match=r"precision='bf16'"):
+        validate({"precision": "bf16", "logger": {"wandb": False}})

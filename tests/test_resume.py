@@ -122,6 +122,15 @@ def assert_same_run(full: Path, resumed: Path) -> None:
     differing = [k for k in wa if not torch.equal(wa[k], wb[k])]
     assert differing == [], f"{len(differing)} tensors differ, e.g. {differing[:3]}"
     assert not (resumed / "resume").exists()  # finished with its final weights: the resume checkpoints are spent
+    assert _csv(full) == _csv(resumed)  # metrics.csv: the rows kept from before the kill plus the resumed ones
+
+
+def _csv(d: Path) -> list[dict]:
+    """metrics.csv's rows without wall times, in order."""
+    import csv
+
+    with (d / "csv" / "metrics.csv").open(newline="") as f:
+        return [{k: v for k, v in row.items() if not k.startswith("time/") and v != ""} for row in csv.DictReader(f)]
 
 
 def _kill_resume_and_compare(full: Path, tmp_path: Path, extra: list[str], point: str) -> None:
@@ -138,6 +147,29 @@ def _kill_resume_and_compare(full: Path, tmp_path: Path, extra: list[str], point
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Previous log files" not in resumed.stderr + resumed.stdout  # the kept csv rows are not deleted
     assert_same_run(full, killed)
+
+
+def test_a_rounds_batches_are_fixed_however_often_the_loader_is_iterated():
+    """What made resume drift: the order of a round's batches. It is drawn once from the round's seed, so
+    iterating the loader again (as a resumed Lightning fit does) serves the same batches, and they are the
+    batches a shuffling DataLoader with that seed gives on its first pass (the order runs always had)."""
+    from types import SimpleNamespace
+
+    from torch.utils.data import DataLoader
+
+    from gpo_exp.training.datamodule import RolloutDataModule
+
+    objective = SimpleNamespace(kind="pairs", cfg=SimpleNamespace(batch_size=3, epochs_per_round=1),
+                                collate_step=lambda examples, pad: [e["i"] for e in examples])
+    dm = RolloutDataModule(objective, pad_id=0, seed=7)
+    dm.set_examples([{"i": i} for i in range(10)], 3)
+    loader = dm.train_dataloader()
+    first, again = list(loader), list(loader)
+    assert first == again and sorted(i for b in first for i in b) == list(range(10))
+    g = torch.Generator().manual_seed(7 * 1000 + 3)
+    shuffled = DataLoader(list(range(10)), batch_size=3, shuffle=True, generator=g)
+    assert first == [b.tolist() for b in shuffled]
+    assert list(dm.train_dataloader()) == first  # a rebuilt loader too
 
 
 def test_sigkill_during_round_3_eval_then_resume_is_bit_identical(full_dpo, tmp_path):

@@ -4,16 +4,22 @@ Each sample is addressed by (prefix tokens, sample index j). Its randomness come
 hash of (seed, prefix, j, position, token) turned into Gumbel noise, so a sample's tokens do not
 depend on which other requests share its batch. That makes deduplication exact (identical requests
 are generated once) and lets the engine sort requests by length into dense buckets freely.
-(Up to float rounding: left padding and batch shape move a row's logits by ~1e-7, which could flip a
-sampled token only on a near-exact tie of two perturbed scores; tests/test_engine.py checks the
-tokens are identical across batch sizes, orders and padding.)
+(Up to float rounding: left padding, batch shape and the KV cache's layout move a row's logits by
+~1e-7, which could flip a sampled token only on a near-exact tie of two perturbed scores, or, for
+inverse-CDF sampling over a flat distribution of thousands of tokens, when the draw falls within that
+distance of a CDF boundary; tests/test_engine.py checks the tokens are identical across batch sizes,
+orders and padding, tests/test_engine_decoding.py that every cache layout and host-check schedule
+draws the samples of the previous decoding loop.)
 
 `RolloutEngine` is the interface; `HFRolloutEngine` runs any HF causal LM with a KV cache, and
 rollout/vllm_engine.py puts vLLM behind the same `generate` (engine.backend=vllm).
 """
 from __future__ import annotations
 
+import logging
 import math
+import os
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -26,9 +32,11 @@ if TYPE_CHECKING:  # type only: config validation imports this module before tra
 
 from gpo_exp.registry import check
 
+log = logging.getLogger(__name__)
 _MASK32 = 0xFFFFFFFF
 VLLM_DTYPES = ("bfloat16", "float16", "float32", "auto")
 ENGINE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+KV_CACHES = ("prealloc", "static", "dynamic")
 
 
 @dataclass
@@ -40,11 +48,11 @@ class EngineConfig:
     max_new_tokens: int | None = None  # None: the benchmark's max_new_tokens
     sort_by_length: bool = True  # bucket requests by prefix length so batches are densely packed (hf only)
     dedup: bool = True  # generate identical (prefix, sample index) requests once
-    kv_cache: str = "static"  # hf only. static: preallocated for prefix + max_new_tokens, written in place (transformers' StaticCache) | dynamic: DynamicCache, grown by concatenation every token
+    kv_cache: str = "prealloc"  # hf only. prealloc: buffers for prefix + max_new_tokens written in place, attention reads the filled columns | static: transformers' StaticCache, attention over every column (fixed shapes, for engine.compile) | dynamic: DynamicCache, grown by concatenation every token
     sync_every: int | None = None  # hf only: decoding steps between host checks for finished rows (each waits for the device); null: 1 on the CPU (a check costs nothing there), 8 on accelerators
     compact_below: float | None = None  # hf only: at a check, drop finished rows from the batch (one copy of the KV cache) once at most this share still runs; 0: never, 1: whenever a row finished; null: 1 on the CPU (finished rows would cost compute), 0.5 on accelerators
     dtype: str = "auto"  # hf only: dtype the engine computes in: auto (the policy's) | float32 | bfloat16 | float16; below the weights' dtype it autocasts (weights cast once per batch; sampling and log-probs in fp32)
-    compile: bool = False  # hf only: torch.compile the decode step (needs kv_cache=static; on the CPU a C++ compiler); compaction is then off, as every batch size is a new graph
+    compile: bool = False  # hf only: torch.compile the decode step (set kv_cache=static too; on the CPU it needs a C++ compiler); compaction is then off, as every batch size is a new graph
     # engine.backend=vllm only (rollout/vllm_engine.py):
     gpu_memory_utilization: float = 0.3  # share of the GPU's memory vLLM reserves for its weights and KV cache; the rest stays with the trainer on the same GPU
     sleep_mode: bool = False  # free vLLM's GPU memory while the policy trains (LoRA: weights parked in CPU memory; full fine-tuning: dropped, then re-sent from the policy), at the cost of a wake-up per round
@@ -62,13 +70,13 @@ class EngineConfig:
         check(0 < self.top_p <= 1, "engine.top_p", self.top_p, "in (0, 1]")
         check(self.max_new_tokens is None or self.max_new_tokens >= 1, "engine.max_new_tokens",
               self.max_new_tokens, ">= 1 or null")
-        check(self.kv_cache in ("static", "dynamic"), "engine.kv_cache", self.kv_cache, "static or dynamic")
+        check(self.kv_cache in KV_CACHES, "engine.kv_cache", self.kv_cache, f"one of {', '.join(KV_CACHES)}")
         check(self.sync_every is None or self.sync_every >= 1, "engine.sync_every", self.sync_every, ">= 1 or null")
         check(self.compact_below is None or 0 <= self.compact_below <= 1, "engine.compact_below", self.compact_below,
               "in [0, 1] or null")
         check(self.dtype in ENGINE_DTYPES, "engine.dtype", self.dtype, f"one of {', '.join(ENGINE_DTYPES)}")
         check(not self.compile or self.kv_cache == "static", "engine.compile", self.compile,
-              "false with engine.kv_cache=dynamic (a compiled step needs the static cache's fixed shapes)")
+              f"false with engine.kv_cache={self.kv_cache} (a compiled step needs engine.kv_cache=static: fixed shapes)")
         check(0 < self.gpu_memory_utilization <= 1, "engine.gpu_memory_utilization", self.gpu_memory_utilization,
               "in (0, 1]")
         check(self.tensor_parallel_size >= 1, "engine.tensor_parallel_size", self.tensor_parallel_size, ">= 1")
@@ -268,7 +276,8 @@ def choose_tokens(logits: torch.Tensor, keys: torch.Tensor, step: int, temperatu
     Small vocabularies (the embedded char model) race Gumbel noise hashed per (key, step, token).
     Above GUMBEL_MAX_VOCAB that hash over every token costs more than the model's decoding step
     (~0.5 s for 48 rows x 49k tokens here), so one uniform per (key, step) picks the token by
-    inverse CDF instead: the same distribution and the same per-sample reproducibility.
+    inverse CDF instead: the same distribution and the same per-sample reproducibility. Its CDF is
+    searched by float64 block sums (search_cdf), not a scan over the vocabulary.
     """
     if greedy or temperature == 0:
         return logits.argmax(-1)
@@ -284,13 +293,52 @@ def choose_tokens(logits: torch.Tensor, keys: torch.Tensor, step: int, temperatu
     return (scores + gumbel_noise(keys, step, scores.shape[-1])).argmax(-1)
 
 
+def preallocate(layer, width: int, dtype: torch.dtype | None) -> None:
+    """Make a transformers DynamicLayer write its keys and values in place into buffers of `width` columns
+    (allocated at its first update, in `dtype` or the states' own), its `keys`/`values` being views of
+    the filled columns: no copy of the cache per token, and attention reads only what is written."""
+
+    def update(key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if getattr(layer, "kv_buffers", None) is None:
+            B, H, _, _ = key_states.shape
+            layer.kv_buffers = tuple(s.new_empty(B, H, width, s.shape[-1], dtype=dtype or s.dtype)
+                                     for s in (key_states, value_states))
+            layer.kv_filled = 0
+            layer.device, layer.dtype, layer.is_initialized = key_states.device, layer.kv_buffers[0].dtype, True
+        kb, vb = layer.kv_buffers
+        start, end = layer.kv_filled, layer.kv_filled + key_states.shape[-2]
+        kb[:, :, start:end] = key_states
+        vb[:, :, start:end] = value_states
+        layer.kv_filled = end
+        layer.keys, layer.values = kb[:, :, :end], vb[:, :, :end]
+        return layer.keys, layer.values
+
+    layer.kv_buffers = None
+    layer.update = update
+    # What transformers' mask builder asks before it reads the padding mask back to the host (to drop
+    # the mask when nothing is padded) at every decoding step; like a StaticCache, this layer says no.
+    layer.is_compileable = True
+
+
+def select_buffer_rows(layer, rows: torch.Tensor) -> None:
+    """Batch rows `rows` of a preallocated layer (new buffers; only the filled columns are copied)."""
+    n = layer.kv_filled
+    new = []
+    for buf in layer.kv_buffers:
+        out = buf.new_empty(len(rows), *buf.shape[1:])
+        out[:, :, :n] = buf[:, :, :n].index_select(0, rows)
+        new.append(out)
+    layer.kv_buffers = tuple(new)
+    layer.keys, layer.values = new[0][:, :, :n], new[1][:, :, :n]
+
+
 @dataclass
 class HFRolloutEngine:
     """Generation with any HF causal LM: left-padded buckets, explicit position ids, a KV cache.
 
     Within a batch, identical prefixes (the K samples of one prefix) are prefilled once and their KV
     cache is copied to the K rows. The cache is preallocated for prefix + max_new_tokens and written
-    in place (`kv_cache=static`), so a step copies nothing. Finished rows are found on the device;
+    in place (`kv_cache=prealloc`, or transformers' StaticCache with `static`), so a step copies nothing. Finished rows are found on the device;
     the host looks every `sync_every` steps, stops when all rows have finished, and compacts the
     finished rows out of the batch (one copy of the cache) once at most `compact_below` of it runs
     (by default every step and at once on the CPU, every 8 steps and at half on accelerators).
@@ -347,20 +395,28 @@ class HFRolloutEngine:
 
             raise ConfigError(f"bad config engine.dtype={self.cfg.dtype!r}: the policy's weights are {weights}, and "
                               f"autocast only lowers precision (use auto or a dtype no wider than the weights')")
+        if (want == torch.bfloat16 and self.model.device.type == "cpu" and not getattr(self, "_warned", False)
+                and not torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+            self._warned = True
+            log.warning("engine.dtype=bfloat16: this CPU has no bf16 instructions (AVX512-BF16 or AMX), so bf16 "
+                        "matmuls are emulated and usually slower than engine.dtype=float32")
         return want
 
     def _new_cache(self, width: int, amp: torch.dtype | None):  # -> transformers Cache
         from transformers import DynamicCache, StaticCache
+        from transformers.cache_utils import DynamicLayer
 
         if self.cfg.kv_cache == "static":
             cache = StaticCache(config=self.model.config, max_cache_len=width)
         else:
             cache = DynamicCache(config=self.model.config)
-        if amp is not None:
-            # Under autocast, rotary embeddings hand keys over in fp32 and values in the autocast dtype;
-            # transformers < 5.24 sizes both static buffers from the keys and then fails to copy the values.
-            # Store both in the autocast dtype, which the attention casts them to anyway.
-            for layer in cache.layers:
+        for layer in cache.layers:
+            if self.cfg.kv_cache == "prealloc" and type(layer) is DynamicLayer:  # sliding-window layers keep growing
+                preallocate(layer, width, amp)
+            elif amp is not None:
+                # Under autocast, rotary embeddings hand keys over in fp32 and values in the autocast dtype;
+                # transformers < 5.24 sizes both static buffers from the keys, then fails to copy the values.
+                # Store both in the autocast dtype, which the attention casts them to anyway.
                 layer.update = (lambda k, v, *a, _update=layer.update, **kw:
                                 _update(k.to(amp), v.to(amp), *a, **kw))
         return cache
@@ -369,7 +425,9 @@ class HFRolloutEngine:
     def _select_rows(cache, rows: torch.Tensor) -> None:
         """Keep (and repeat) the cache's batch rows `rows`, for every layer."""
         for layer in cache.layers:
-            if getattr(layer, "keys", None) is not None and layer.keys.numel() > 0:
+            if getattr(layer, "kv_buffers", None) is not None:
+                select_buffer_rows(layer, rows)
+            elif getattr(layer, "keys", None) is not None and layer.keys.numel() > 0:
                 layer.keys = layer.keys.index_select(0, rows)
                 layer.values = layer.values.index_select(0, rows)
 
@@ -395,6 +453,12 @@ class HFRolloutEngine:
         if not self.cfg.compile:
             return step
         if getattr(self, "_compiled", None) is None:
+            if self.model.device.type == "cpu" and not any(
+                    shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "clang++", "c++") if c):
+                from gpo_exp.registry import ConfigError
+
+                raise ConfigError("bad config engine.compile=True: torch.compile on the CPU needs a C++ compiler "
+                                  "(none of $CXX, g++, clang++, c++ is on PATH); install one or set engine.compile=false")
             self._compiled = torch.compile(step, dynamic=True)
         return self._compiled
 
@@ -416,7 +480,8 @@ class HFRolloutEngine:
                 temperature: float, amp: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(new tokens, their log-probs), each (len(prefixes), limit); a row's entries past its eos are junk."""
         device = self.model.device
-        static = self.cfg.kv_cache == "static"
+        static = self.cfg.kv_cache == "static"  # its attention spans every column, so the mask does too
+        step = self._step_fn()
         # Prefill each distinct prefix once, then give every request row a copy of its prefix's cache.
         uniq: dict[tuple[int, ...], int] = {}
         src = [uniq.setdefault(p, len(uniq)) for p in prefixes]
@@ -444,7 +509,6 @@ class HFRolloutEngine:
         done = torch.zeros(B, dtype=torch.bool, device=device)  # rows that have produced eos
         toks = torch.full((B, limit), self.pad_id, dtype=torch.long, device=device)
         lps = torch.zeros((B, limit), dtype=torch.float32, device=device)
-        step = self._step_fn()
         sync_every, compact_below = self._schedule(device)
         for t in range(limit):
             tok = choose_tokens(logits, key_t, t, temperature, self.cfg.top_p, greedy)

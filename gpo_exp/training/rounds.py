@@ -174,6 +174,8 @@ class GPORoundCallback(pl.Callback):
             log.info("token budget reached (%d >= %d): stopping after round %d",
                      self.history.totals["rollout/generated_tokens"], budget, r)
             self.history.stopped = True
+        for lg in trainer.loggers:  # what was logged up to the checkpoint is on disk with it (a kill loses no csv row)
+            lg.save()
         ckpt.save(trainer, self.run_dir, r, self.keep_checkpoints)
         if distributed.any_rank(self.stop_signal is not None):
             self.stopped_by_signal = r
