@@ -57,3 +57,16 @@ def test_prediction_from_a_real_tiny_round(compose, tmp_path):
     ratio = main(["--from-run", str(tmp_path)])["ratio"]
     assert ratio["trajectories"] == pytest.approx(1.0)
     assert 0.65 <= ratio["total"] <= 1.35, ratio
+
+
+def test_token_budget_caps_estimation_and_reset_at_ratio_minus_one_trajectories():
+    from dataclasses import replace
+
+    s = Setting(prompts=8, samples=4, reset_samples=4, k=4, explore_all=False, reuse_siblings=False, eval_rows=0,
+                eval_generations=1, max_new_tokens=64, mean_tokens=40, accuracy=0.3, steps=6)
+    free = round_tokens(s, "mc")
+    capped = round_tokens(replace(s, max_token_ratio=2.0), "mc")
+    assert free["estimation"] + free["reset"] > free["trajectories"]  # the paper's round: far over 2x
+    assert capped["estimation"] + capped["reset"] == pytest.approx(capped["trajectories"])
+    assert capped["estimation"] / capped["reset"] == pytest.approx(free["estimation"] / free["reset"])
+    assert round_tokens(replace(s, max_token_ratio=100.0), "mc") == free  # a budget not reached changes nothing

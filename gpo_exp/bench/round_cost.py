@@ -22,6 +22,8 @@ trajectory, L (n - i) / n tokens, and a reset step is uniform over the n steps):
                 estimation and reset draws from a shared prefix are counted once
   reset         M draws from the reset prefix per explored trajectory: M L (n+1) / (2n)
   eval          R rows x (1 greedy if protocol=greedy + eval_samples) x L, once per round
+With gpo.max_token_ratio set, estimation + reset are scaled down to (ratio - 1) P N L when they would
+exceed it (the round stops localising once that budget is spent).
 The baseline arm (gpo.enabled=false) generates the trajectories and the eval only.
 """
 from __future__ import annotations
@@ -57,6 +59,7 @@ class Setting:
     shared: float = 0.0  # share of explored trajectories' prefixes 1..n-1 that another explored sibling has too (0: long chains; measured by --from-run)
     k_max: int = 32  # adaptive's cap per probe
     risk: float | None = 0.05  # adaptive's calibrated-probe risk
+    max_token_ratio: float | None = None  # gpo.max_token_ratio: estimation + reset stop at (ratio - 1) x the trajectories' tokens (null: no budget)
 
 
 def _explored(s: Setting) -> float:
@@ -84,6 +87,10 @@ def estimation_tokens(s: Setting, estimator: str) -> float:
     return _explored(s) * deep * unique + failing_prompts * max(root, 0.0)
 
 
+def _budget(s: Setting, trajectory_tokens: float) -> float | None:
+    return None if s.max_token_ratio is None else (s.max_token_ratio - 1.0) * trajectory_tokens
+
+
 def round_tokens(s: Setting, estimator: str | None) -> dict[str, float]:
     """Tokens per round by phase; estimator None is the baseline arm (no estimation, no reset)."""
     n = max(s.steps, 1.0)
@@ -92,6 +99,9 @@ def round_tokens(s: Setting, estimator: str | None) -> dict[str, float]:
            "reset": 0.0 if estimator is None else (_explored(s) * s.reset_samples * s.mean_tokens * (n + 1) / (2 * n)
                                                    * (1.0 - s.shared if s.dedup else 1.0)),
            "eval": s.eval_rows * s.eval_generations * s.mean_tokens}
+    spent, budget = out["estimation"] + out["reset"], _budget(s, out["trajectories"])
+    if budget is not None and spent > budget:  # the round localises trajectories only until the budget is spent
+        out["estimation"], out["reset"] = out["estimation"] * budget / spent, out["reset"] * budget / spent
     out["total"] = sum(out.values())
     return out
 
@@ -110,7 +120,7 @@ def setting_from_config(cfg: Any, mean_tokens: float | None, accuracy: float, st
                    reuse_siblings=cfg.estimator.reuse_siblings, eval_rows=cfg.trainer.eval_rows or eval_rows_default,
                    eval_generations=greedy + cfg.trainer.eval_samples, max_new_tokens=max_new, mean_tokens=L,
                    accuracy=accuracy, steps=n, dedup=cfg.engine.dedup, k_max=getattr(cfg.estimator, "k_max", 32),
-                   risk=getattr(cfg.estimator, "risk", 0.05))
+                   risk=getattr(cfg.estimator, "risk", 0.05), max_token_ratio=cfg.gpo.max_token_ratio)
 
 
 PROMPT_TOKENS = 512  # assumed prompt length (chat template + a MATH problem) for the KV-cache estimate
