@@ -294,7 +294,7 @@ def progress_bar(cfg: Resolved) -> list[Any]:
 
     class RoundBar(TQDMProgressBar):
         """One bar per round, created when the round's training starts and closed (kept as one line) when it
-        ends. It runs before the round callback (see make_trainer), so a round's bar is closed before that
+        ends. It runs before the round callback (the Trainer's callback list in `train`), so a round's bar is closed before that
         round's evaluation and the next round's data are logged: the console reads in order."""
 
         def __init__(self) -> None:

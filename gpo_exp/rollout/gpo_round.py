@@ -63,9 +63,8 @@ class GPOConfig:
               self.max_generated_tokens, "> 0 or null")
         check(self.mix in MIXES, "gpo.mix", self.mix, " | ".join(MIXES))
         check(self.reuse in REUSES, "gpo.reuse", self.reuse, " | ".join(REUSES))
-        for key in ("tree_prefixes", "tree_group_size"):
-            check(getattr(self, key) >= 2 if key == "tree_group_size" else getattr(self, key) >= 1,
-                  f"gpo.{key}", getattr(self, key), ">= 2" if key == "tree_group_size" else ">= 1")
+        check(self.tree_prefixes >= 1, "gpo.tree_prefixes", self.tree_prefixes, ">= 1")
+        check(self.tree_group_size >= 2, "gpo.tree_group_size", self.tree_group_size, ">= 2 (a group needs two outcomes)")
         for key in ("reset_examples", "tree_examples"):
             check(getattr(self, key) is None or getattr(self, key) >= 1, f"gpo.{key}", getattr(self, key), ">= 1 or null")
         check(self.max_token_ratio is None or self.max_token_ratio > 1, "gpo.max_token_ratio", self.max_token_ratio,
