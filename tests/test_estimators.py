@@ -386,6 +386,8 @@ def test_guided_search_with_all_prefixes_dead_is_undetermined_after_k_root_draws
     assert loc.status == "undetermined"
     # prefix 2 (the prior), then the least confident of 0..1 (prefix 0, earliest on a tie), 10 draws each
     assert sorted(loc.samples) == [0, 2] and all(len(v) == 10 for v in loc.samples.values())
+    # no boundary: the critical step is the prior's own guess (the least confident step), not a coin flip
+    assert loc.critical == 2
 
 
 def test_guided_search_beats_plain_bisection_at_fewer_tokens_with_noisy_values():

@@ -254,6 +254,11 @@ class Estimator:
             return int(min(candidates))
         return int(rng.choice(np.asarray(candidates)))
 
+    def _least_confident(self, conf: Sequence[float], rng: np.random.Generator) -> int:
+        """The step holding the least likely sampled token (ties by tie_break): `confidence`'s pick."""
+        c = np.asarray(conf)
+        return self._tie(np.flatnonzero(c == c.min()).tolist(), rng)
+
     def _undetermined(self, traj: Trajectory, rng: np.random.Generator) -> tuple[int, str]:
         """No information in the values: still pick a step (by tie-break over all) so the caller may reset."""
         return self._tie(range(traj.n_steps), rng), "undetermined"
@@ -356,8 +361,9 @@ class AdaptiveEstimator(Estimator):
     likely token is the first error" (prefix before it alive, prefix after it dead: two probes). The
     probes still decide; a wrong hypothesis only moves the search into the half the probes point to.
 
-    All probed prefixes judged 0 -> undetermined; successful trajectories (explore=all) -> mc fallback,
-    as in bisect.
+    All probed prefixes judged 0 -> undetermined, at the least confident step with prior=confidence (the
+    values say nothing, the prior still does) or by tie-break with prior=none; successful trajectories
+    (explore=all) -> mc fallback, as in bisect.
     """
 
     cfg: AdaptiveConfig
@@ -402,8 +408,8 @@ class AdaptiveEstimator(Estimator):
             if lo is None or c > lo:
                 if not (yield from probe(c, ref=lo)):
                     hi = c
-                    if hi == 0:
-                        return self._undetermined(traj, rng)
+                    if hi == 0:  # every prefix judged dead: no boundary, so the prior's own guess
+                        return self._least_confident(conf, rng), "undetermined"
                     continue
                 lo = c
             if c + 1 < hi:
@@ -436,8 +442,7 @@ class ConfidenceEstimator(Estimator):
     draws_rollouts = False
 
     def plan(self, traj: Trajectory, draws: Draws, rng: np.random.Generator) -> Plan:
-        conf = np.asarray(traj.step_confidence())
-        return self._tie(np.flatnonzero(conf == conf.min()).tolist(), rng), "located"
+        return self._least_confident(traj.step_confidence(), rng), "located"
         yield []  # unreachable: makes this a generator that requests nothing
 
 
