@@ -244,6 +244,23 @@ def test_length_limit_and_eos(setup):
         assert len(g.ids) == 10 and eos not in g.ids
 
 
+@pytest.mark.parametrize("kw", [{}, {"sync_every": 8, "compact_below": 0.5}, {"kv_cache": "static"}])
+def test_a_prefix_near_the_context_end_stops_there_and_leaves_its_batch_unchanged(setup, kw):
+    # 128 positions: the longest prefix here leaves fewer than max_new_tokens of them
+    model, tok, prefixes = setup
+    ctx = model.config.n_positions
+    long = (prefixes[11] * 8)[: ctx - 5]  # 5 positions left
+    pre = [prefixes[0], long, prefixes[3]]
+    gens = engine(setup, **kw).generate(pre, [0, 0, 0], seed=1, max_new_tokens=40)  # an IndexError before
+    assert len(gens[1].ids) <= 5 and (gens[1].finished or len(gens[1].ids) == 5)
+    assert len(gens[1].logprobs) == len(gens[1].ids)
+    alone = engine(setup, **kw).generate([prefixes[0], prefixes[3]], [0, 0], seed=1, max_new_tokens=40)
+    assert [g.ids for g in alone] == [gens[0].ids, gens[2].ids]  # the other rows keep the call's limit
+    assert max(len(gens[0].ids), len(gens[2].ids)) > 5
+    with pytest.raises(ValueError, match=f"fills the model's context of {ctx} tokens"):
+        engine(setup, **kw).generate([(prefixes[11] * 20)[:ctx]], [0], seed=1)
+
+
 @pytest.mark.parametrize("kw", [{}, {"temperature": 0.5, "top_p": 0.8}])
 def test_logprobs_are_the_models_teacher_forced_log_probs(setup, kw):
     """Each new token's log p under the untempered model, whatever the sampling temperature / top-p."""

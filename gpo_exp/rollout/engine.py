@@ -463,22 +463,39 @@ class HFRolloutEngine:
         return self._compiled
 
     @torch.no_grad()
+    def row_limits(self, prefixes: Sequence[Sequence[int]], limit: int) -> list[int]:
+        """New tokens each prefix may get: `limit`, or fewer where the model's context ends first (a
+        continuation of a long prefix; position len(prefix) + t must stay inside the position table)."""
+        from gpo_exp.models.checks import context_length
+
+        ctx = context_length(self.model)
+        if ctx is None:
+            return [limit] * len(prefixes)
+        if (over := next((p for p in prefixes if len(p) >= ctx), None)) is not None:
+            raise ValueError(f"a prefix of {len(over)} tokens fills the model's context of {ctx} tokens: "
+                             "nothing can be generated after it")
+        return [min(limit, ctx - len(p)) for p in prefixes]
+
     def _generate_batch(self, prefixes: list[tuple[int, ...]], keys: list[int], limit: int,
                         greedy: bool, temperature: float) -> list[Generation]:
         device = self.model.device
         amp = self._compute_dtype()
+        limits = self.row_limits(prefixes, limit)
         with torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext():
-            toks, lps = self._decode(prefixes, keys, limit, greedy, temperature, amp)
+            toks, lps = self._decode(prefixes, keys, limits, greedy, temperature, amp)
         gens = []
-        for row, lp in zip(toks.tolist(), lps.tolist()):
+        for row, lp, cap in zip(toks.tolist(), lps.tolist(), limits):
+            row = row[:cap]  # a row cut by the context ends there, unfinished
             finished = self.eos_id in row
-            n = row.index(self.eos_id) + 1 if finished else limit
+            n = row.index(self.eos_id) + 1 if finished else cap
             gens.append(Generation(ids=row[:n], finished=finished, logprobs=lp[:n]))
         return gens
 
-    def _decode(self, prefixes: list[tuple[int, ...]], keys: list[int], limit: int, greedy: bool,
+    def _decode(self, prefixes: list[tuple[int, ...]], keys: list[int], limits: list[int], greedy: bool,
                 temperature: float, amp: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(new tokens, their log-probs), each (len(prefixes), limit); a row's entries past its eos are junk."""
+        """(new tokens, their log-probs), each (len(prefixes), max(limits)); a row's entries past its eos
+        or its own limit are junk. A row that reaches its limit counts as done."""
+        limit = max(limits)
         device = self.model.device
         static = self.cfg.kv_cache == "static"  # its attention spans every column, so the mask does too
         step = self._step_fn()
@@ -506,7 +523,8 @@ class HFRolloutEngine:
         key_t = torch.tensor(keys, dtype=torch.int64, device=device)
         B = len(prefixes)
         live = torch.arange(B, device=device)  # batch row -> request index
-        done = torch.zeros(B, dtype=torch.bool, device=device)  # rows that have produced eos
+        done = torch.zeros(B, dtype=torch.bool, device=device)  # rows that have produced eos or reached their limit
+        last = torch.tensor(limits, dtype=torch.long, device=device) - 1  # per row: the step of its last token
         toks = torch.full((B, limit), self.pad_id, dtype=torch.long, device=device)
         lps = torch.zeros((B, limit), dtype=torch.float32, device=device)
         sync_every, compact_below = self._schedule(device)
@@ -521,7 +539,7 @@ class HFRolloutEngine:
                 toks[live, t], lps[live, t] = tok, lp
             if t == limit - 1:
                 break
-            done |= tok == self.eos_id
+            done |= (tok == self.eos_id) | (last <= t)
             if (t + 1) % sync_every == 0:  # the only host reads of the loop
                 running = int((~done).sum())
                 if running == 0:
@@ -529,9 +547,9 @@ class HFRolloutEngine:
                 if running < len(live) and running <= compact_below * len(live):
                     keep = (~done).nonzero().squeeze(1)
                     self._select_rows(cache, keep)
-                    live, key_t, mask, next_pos, tok, done = (live[keep], key_t[keep], mask[keep], next_pos[keep],
-                                                              tok[keep], done[keep])
+                    live, key_t, mask, next_pos, tok, done, last = (live[keep], key_t[keep], mask[keep], next_pos[keep],
+                                                                    tok[keep], done[keep], last[keep])
             mask[:, L + t] = 1
             logits = step(tok, next_pos, mask if static else mask[:, :L + t + 1], cache)
-            next_pos = next_pos + 1
+            next_pos = next_pos + (~done).long()  # a done row decodes junk until compacted, at a fixed position: never past the context
         return toks, lps
