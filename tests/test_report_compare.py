@@ -63,6 +63,32 @@ def test_compare_equal_rounds_and_equal_tokens(tmp_path):
     assert "T = 600" in cmp.markdown and "| Δ GPO-DPO vs DPO | | +10.0 ± 0.0 | -10.0 ± 0.0 |" in cmp.markdown
 
 
+def test_compare_at_equal_training_examples(tmp_path):
+    # DPO trains on 10 pairs a round, GPO-DPO on 30 (fresh plus reset groups): E = 60 = GPO's final count
+    def with_examples(run, per_round):
+        for rec in run.rounds:
+            rec["train/examples"] = per_round * rec["round"]
+        return run
+
+    runs = [with_examples(_run("dpo", False, s, [(r, 100.0 * r, 0.2 + 0.05 * r) for r in range(7)],
+                               {r: "1100" if r >= 5 else "1000" for r in range(7)}), 10) for s in (0, 1)]
+    runs += [with_examples(_run("dpo", True, s, [(r, 200.0 * r, 0.2 + 0.1 * r + 0.01 * s) for r in range(3)],
+                                {0: "1000", 1: "1000", 2: "1110"}), 30) for s in (0, 1)]
+    cmp = compare(group_arms(runs), tmp_path)
+    got = {(r.kind, r.arm, r.metric): r for r in cmp.rows}
+    assert got[("compare", "DPO", "eq_examples:eval/accuracy")].mean == pytest.approx(0.5)  # round 6: 60 pairs
+    assert got[("compare", "GPO-DPO", "eq_examples:eval/accuracy")].mean == pytest.approx(0.405)  # round 2
+    delta = "Δ GPO-DPO vs DPO"
+    assert got[("compare_delta", delta, "eq_examples:eval/accuracy")].mean == pytest.approx(-0.095)
+    assert got[("compare_rows", delta, "eq_examples:eval/accuracy")].mean == pytest.approx(0.25)  # 1110 vs 1100
+    assert "equal training examples (E: DPO 60)" in cmp.markdown
+    # a run without the counter (older runs): no examples column values, the rest unchanged
+    runs[0].rounds[1].pop("train/examples")
+    cmp = compare(group_arms(runs), tmp_path)
+    assert "(E: " not in cmp.markdown and not any(r.metric.startswith("eq_examples") for r in cmp.rows)
+    assert any(r.metric.startswith("eq_tokens") for r in cmp.rows)
+
+
 def test_report_includes_the_comparison(tmp_path):
     runs = [_run("grpo", g, s, [(r, 100.0 * r * (1 + g), 0.3 + 0.02 * r * s) for r in range(3)]) for g in (False, True)
             for s in (0, 1)]

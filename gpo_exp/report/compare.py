@@ -6,6 +6,10 @@ For every arm, over its seeds (mean ± 95% Student-t half-width):
 - eq. tokens: `eval/accuracy` of the policy each run had when its cumulative generated rollout tokens
   first covered the common budget T (the last evaluation logged at <= T tokens; T = the smallest
   final token count over all runs, so every run reached it);
+- eq. examples: likewise at a common number of training examples E (cumulative `train/examples`), one E
+  per base optimizer, since a DPO example is a pair and a GRPO/PPO one a rollout (E_X = the smallest final
+  count over the X and GPO-X runs), for runs that log it: an arm that trains on more examples per round
+  (GPO's fresh plus reset groups) is read where its base has trained on as many;
 - AUC: token-weighted mean accuracy over [0, T] (the area under the accuracy-vs-tokens step curve / T).
 
 For every GPO-X with an X arm, Δ = GPO-X - X for each of the three: by seed (paired t over the
@@ -24,28 +28,30 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from gpo_exp.report.stats import summarize, welch_diff
-from gpo_exp.report.types import Arm, Row, Run, Stat
+from gpo_exp.report.types import NICE, Arm, Row, Run, Stat
 
 KEY = "eval/accuracy"
 CORRECT = "eval/diag/greedy_correct"  # per-row greedy correctness in a rounds.jsonl record (runs before rounds/roundNNN_eval.jsonl)
-MEASURES = ("eq_rounds", "eq_tokens", "auc_tokens")
+MEASURES = ("eq_rounds", "eq_tokens", "eq_examples", "auc_tokens")
+TOKENS, EXAMPLES = "rollout/generated_tokens", "train/examples"  # cumulative x-axes in rounds.jsonl records
 
 
 def _num(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def curve(run: Run, key: str = KEY) -> list[tuple[int, float, float]]:
-    """(round, cumulative generated tokens, value) per logged evaluation, by round."""
-    out = [(int(r["round"]), float(r.get("rollout/generated_tokens") or 0.0), float(r[key]))
-           for r in run.rounds if isinstance(r.get("round"), int) and _num(r.get(key))]
-    return sorted(out)
+def curve(run: Run, key: str = KEY, x: str = TOKENS) -> list[tuple[int, float, float]]:
+    """(round, cumulative x (generated tokens by default), value) per logged evaluation, by round; empty
+    when a record lacks x (runs that predate the counter)."""
+    recs = [r for r in run.rounds if isinstance(r.get("round"), int) and _num(r.get(key))]
+    if x != TOKENS and not all(_num(r.get(x)) for r in recs):
+        return []
+    return sorted((int(r["round"]), float(r.get(x) or 0.0), float(r[key])) for r in recs)
 
 
-def record_at_tokens(run: Run, budget: float) -> dict[str, Any] | None:
-    """The last rounds.jsonl record whose cumulative tokens are <= budget (round 0 has 0 tokens)."""
-    recs = [r for r in run.rounds if isinstance(r.get("round"), int) and _num(r.get("rollout/generated_tokens"))
-            and float(r["rollout/generated_tokens"]) <= budget]
+def record_at_tokens(run: Run, budget: float, x: str = TOKENS) -> dict[str, Any] | None:
+    """The last rounds.jsonl record whose cumulative x (tokens by default) is <= budget (round 0 has 0)."""
+    recs = [r for r in run.rounds if isinstance(r.get("round"), int) and _num(r.get(x)) and float(r[x]) <= budget]
     return max(recs, key=lambda r: r["round"]) if recs else None
 
 
@@ -150,20 +156,36 @@ def compare(arms: Sequence[Arm], out_dir: Path | None = None) -> Comparison:
     rounds = min(curves[id(r)][-1][0] for r in usable)
     if budget <= 0:
         return Comparison("")
+    ex_curves = {id(run): curve(run, x=EXAMPLES) for run in usable}
+    ex_budget: dict[str, float] = {}  # per base optimizer: examples are pairs for some, rollouts for others
+    for arm in arms:
+        ends = [ex_curves[id(r)][-1][1] if ex_curves[id(r)] else None for r in arm.runs if id(r) in ex_curves]
+        if ends and all(e is not None for e in ends):
+            ex_budget[arm.base] = min(ex_budget.get(arm.base, math.inf), *ends)  # type: ignore[type-var]
+        elif ends:
+            ex_budget[arm.base] = math.nan  # a run without the counter: no comparison at equal examples
+    ex_budget = {b: e for b, e in ex_budget.items() if math.isfinite(e) and e > 0}
     measure = {
         "eq_rounds": lambda run: value_at_round(curves[id(run)], rounds),
         "eq_tokens": lambda run: value_at_tokens(curves[id(run)], budget),
+        "eq_examples": lambda run: (value_at_tokens(ex_curves[id(run)], ex_budget[run.base])
+                                    if run.base in ex_budget and id(run) in ex_curves else None),
         "auc_tokens": lambda run: auc_tokens(curves[id(run)], budget),
     }
     pick = {"eq_rounds": lambda run: next((r for r in run.rounds if r.get("round") == rounds), None),
-            "eq_tokens": lambda run: record_at_tokens(run, budget)}
+            "eq_tokens": lambda run: record_at_tokens(run, budget),
+            "eq_examples": lambda run: (record_at_tokens(run, ex_budget[run.base], EXAMPLES)
+                                        if run.base in ex_budget else None)}
     rows: list[Row] = []
-    lines = [f"### Equal rounds (R = {rounds}) and equal generated tokens (T = {budget:,.0f})", "",
+    at_e = (" and equal training examples (E: " + ", ".join(f"{NICE.get(b, b.upper())} {e:,.0f}" for b, e in ex_budget.items())
+            + ")") if ex_budget else ""
+    lines = [f"### Equal rounds (R = {rounds}), equal generated tokens (T = {budget:,.0f}){at_e}", "",
              "greedy `eval/accuracy` in %, mean ± 95% CI over seeds; AUC: token-weighted mean accuracy over "
              "[0, T]. Δ by seed: paired t over shared seeds (Welch otherwise); Δ by row: paired over the same "
              "test rows (greedy correctness averaged over seeds).", "",
-             "| Method | n | eq. rounds | eq. tokens | AUC (tokens) | Δ eq. rounds (rows) | Δ eq. tokens (rows) |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "| Method | n | eq. rounds | eq. tokens | eq. examples | AUC (tokens) | Δ eq. rounds (rows) "
+             "| Δ eq. tokens (rows) | Δ eq. examples (rows) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     by_label = {a.label: a for a in arms}
     for arm in arms:
         stats = {}
@@ -174,7 +196,7 @@ def compare(arms: Sequence[Arm], out_dir: Path | None = None) -> Comparison:
                 st = stats[m]
                 rows.append(Row("compare", arm.label, "", f"{m}:{KEY}", st.mean, st.ci95, st.n, st.std))
         lines.append(f"| {arm.label} | {len(arm.runs)} | " + " | ".join(_fmt_arm(stats[m]) for m in MEASURES)
-                     + " | | |")
+                     + " | | | |")
         base = by_label.get(arm.base_label) if arm.gpo else None
         if base is None:
             continue
@@ -185,7 +207,7 @@ def compare(arms: Sequence[Arm], out_dir: Path | None = None) -> Comparison:
             cells.append(_fmt(d[0]) if d else "–")
             if d:
                 rows.append(Row("compare_delta", label, "", f"{m}:{KEY}", d[0].mean, d[0].ci95, d[0].n, None))
-        for m in ("eq_rounds", "eq_tokens"):
+        for m in ("eq_rounds", "eq_tokens", "eq_examples"):
             rd = row_delta(arm, base, pick[m])
             row_cells.append(_fmt(rd))
             if rd is not None:
