@@ -244,6 +244,18 @@ def test_length_limit_and_eos(setup):
         assert len(g.ids) == 10 and eos not in g.ids
 
 
+def test_generation_records_no_autograd_graph(setup):
+    # with a graph, every decoding step's activations and KV writes stay alive: GBs over a run's evals
+    model, _, prefixes = setup
+    seen = []
+    hook = model.register_forward_pre_hook(lambda *_: seen.append(torch.is_grad_enabled()))
+    try:
+        engine(setup).generate(prefixes[:4], [0, 1, 2, 3], seed=0, max_new_tokens=4)
+    finally:
+        hook.remove()
+    assert seen and not any(seen)
+
+
 @pytest.mark.parametrize("kw", [{}, {"sync_every": 8, "compact_below": 0.5}, {"kv_cache": "static"}])
 def test_a_prefix_near_the_context_end_stops_there_and_leaves_its_batch_unchanged(setup, kw):
     # 128 positions: the longest prefix here leaves fewer than max_new_tokens of them

@@ -462,7 +462,6 @@ class HFRolloutEngine:
             self._compiled = torch.compile(step, dynamic=True)
         return self._compiled
 
-    @torch.no_grad()
     def row_limits(self, prefixes: Sequence[Sequence[int]], limit: int) -> list[int]:
         """New tokens each prefix may get: `limit`, or fewer where the model's context ends first (a
         continuation of a long prefix; position len(prefix) + t must stay inside the position table)."""
@@ -476,6 +475,7 @@ class HFRolloutEngine:
                              "nothing can be generated after it")
         return [min(limit, ctx - len(p)) for p in prefixes]
 
+    @torch.no_grad()
     def _generate_batch(self, prefixes: list[tuple[int, ...]], keys: list[int], limit: int,
                         greedy: bool, temperature: float) -> list[Generation]:
         device = self.model.device
