@@ -462,7 +462,7 @@ class HFRolloutEngine:
             self._compiled = torch.compile(step, dynamic=True)
         return self._compiled
 
-    def row_limits(self, prefixes: Sequence[Sequence[int]], limit: int) -> list[int]:
+    def _row_limits(self, prefixes: Sequence[Sequence[int]], limit: int) -> list[int]:
         """New tokens each prefix may get: `limit`, or fewer where the model's context ends first (a
         continuation of a long prefix; position len(prefix) + t must stay inside the position table)."""
         from gpo_exp.models.checks import context_length
@@ -480,7 +480,7 @@ class HFRolloutEngine:
                         greedy: bool, temperature: float) -> list[Generation]:
         device = self.model.device
         amp = self._compute_dtype()
-        limits = self.row_limits(prefixes, limit)
+        limits = self._row_limits(prefixes, limit)
         with torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext():
             toks, lps = self._decode(prefixes, keys, limits, greedy, temperature, amp)
         gens = []
