@@ -61,6 +61,9 @@ def test_compare_equal_rounds_and_equal_tokens(tmp_path):
     assert got[("compare_rows", delta, "eq_tokens:eval/accuracy")].mean == pytest.approx(0.25)
     assert (tmp_path / "accuracy_vs_tokens.png").stat().st_size > 1000
     assert "T = 600" in cmp.markdown and "| Δ GPO-DPO vs DPO | | +10.0 ± 0.0 | -10.0 ± 0.0 |" in cmp.markdown
+    # by round: mean over seeds of accuracy and cumulative tokens (DPO round 2: 0.3 + 0.005 over seeds 0 and 1)
+    assert "| DPO | 20.5 (0k) | 25.5 (0k) | 30.5 (0k) | 35.5 (0k) |" in cmp.markdown
+    assert "| GPO-DPO | 20.5 (0k) | 30.5 (0k) | 40.5 (1k) |  |  |  |  |" in cmp.markdown
 
 
 def test_compare_at_equal_training_examples(tmp_path):

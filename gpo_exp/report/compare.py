@@ -213,10 +213,40 @@ def compare(arms: Sequence[Arm], out_dir: Path | None = None) -> Comparison:
             if rd is not None:
                 rows.append(Row("compare_rows", label, "", f"{m}:{KEY}", rd.mean, rd.ci95, rd.n, None))
         lines.append(f"| {label} | | " + " | ".join(cells) + " | " + " | ".join(row_cells) + " |")
+    lines += ["", *by_round_table(arms, curves)]
     pngs = []
     if out_dir is not None and plot_accuracy_vs_tokens(arms, curves, budget, Path(out_dir) / "accuracy_vs_tokens.png"):
         pngs.append(Path(out_dir) / "accuracy_vs_tokens.png")
     return Comparison("\n".join(lines), rows, pngs, budget, rounds)
+
+
+def by_round_table(arms: Sequence[Arm], curves: dict[int, list[tuple[int, float, float]]]) -> list[str]:
+    """Markdown: each arm's mean accuracy (%) and mean cumulative generated tokens after every round that
+    all its runs reached, so per-round speed and per-token cost read side by side."""
+    out = ["#### By round: greedy accuracy % (cumulative generated tokens, mean over seeds)", ""]
+    per_arm = []
+    for arm in arms:
+        pts = [curves[id(r)] for r in arm.runs if curves[id(r)]]
+        if not pts:
+            continue
+        last = min(p[-1][0] for p in pts)
+        cells = []
+        for r in range(last + 1):
+            at = [next(((t, v) for rr, t, v in p if rr == r), None) for p in pts]
+            if any(a is None for a in at):
+                cells.append("–")
+                continue
+            tok = sum(a[0] for a in at) / len(at)  # type: ignore[index]
+            acc = sum(a[1] for a in at) / len(at)  # type: ignore[index]
+            cells.append(f"{100 * acc:.1f} ({tok / 1000:.0f}k)")
+        per_arm.append((arm.label, cells))
+    if not per_arm:
+        return []
+    width = max(len(c) for _, c in per_arm)
+    out += ["| Method | " + " | ".join(f"round {r}" for r in range(width)) + " |",
+            "|---|" + "---:|" * width]
+    out += [f"| {label} | " + " | ".join(cells + [""] * (width - len(cells))) + " |" for label, cells in per_arm]
+    return out
 
 
 def arm_token_curve(arm: Arm, curves: dict[int, list[tuple[int, float, float]]]
