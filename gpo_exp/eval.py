@@ -326,7 +326,7 @@ def precision_context(precision: str, device: str) -> Any:
 
 def check_context(model: Any, label: str, prompts: list[list[int]], max_new_tokens: int) -> None:
     """ConfigError (one line) when the longest prompt plus max_new_tokens does not fit the model's positions:
-    a checkpoint of the tiny model would otherwise die in generation with 'IndexError: index out of range'."""
+    the engine would otherwise cut those generations at the context's end, unfinished, and grade them wrong."""
     from gpo_exp.models.checks import context_length
 
     limit = context_length(model)

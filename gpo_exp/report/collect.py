@@ -50,9 +50,11 @@ def _read_row_correct(rounds_dir: Path) -> dict[int, str]:
     out = {}
     for path in sorted(rounds_dir.glob("round*_eval.jsonl")) if rounds_dir.is_dir() else []:
         m = re.fullmatch(r"round(\d+)_eval\.jsonl", path.name)
+        if m is None:  # the glob also matches e.g. roundX_eval.jsonl
+            continue
         try:
             rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            out[int(m.group(1))] = "".join(str(int(r["greedy_correct"])) for r in rows) if m else ""
+            out[int(m.group(1))] = "".join(str(int(r["greedy_correct"])) for r in rows)
         except (OSError, ValueError, KeyError, TypeError):  # a torn file (a killed run): no paired rows for it
             continue
     return {r: v for r, v in out.items() if v}

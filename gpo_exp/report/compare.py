@@ -157,14 +157,11 @@ def compare(arms: Sequence[Arm], out_dir: Path | None = None) -> Comparison:
     if budget <= 0:
         return Comparison("")
     ex_curves = {id(run): curve(run, x=EXAMPLES) for run in usable}
-    ex_budget: dict[str, float] = {}  # per base optimizer: examples are pairs for some, rollouts for others
-    for arm in arms:
-        ends = [ex_curves[id(r)][-1][1] if ex_curves[id(r)] else None for r in arm.runs if id(r) in ex_curves]
-        if ends and all(e is not None for e in ends):
-            ex_budget[arm.base] = min(ex_budget.get(arm.base, math.inf), *ends)  # type: ignore[type-var]
-        elif ends:
-            ex_budget[arm.base] = math.nan  # a run without the counter: no comparison at equal examples
-    ex_budget = {b: e for b, e in ex_budget.items() if math.isfinite(e) and e > 0}
+    ends: dict[str, list[float | None]] = {}  # per base optimizer: examples are pairs for some, rollouts for others
+    for run in usable:
+        ends.setdefault(run.base, []).append(ex_curves[id(run)][-1][1] if ex_curves[id(run)] else None)
+    # a run without the counter leaves its optimizer without a comparison at equal examples
+    ex_budget = {b: min(e) for b, e in ends.items() if None not in e and min(e) > 0}  # type: ignore[type-var]
     measure = {
         "eq_rounds": lambda run: value_at_round(curves[id(run)], rounds),
         "eq_tokens": lambda run: value_at_tokens(curves[id(run)], budget),
